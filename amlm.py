@@ -1,0 +1,322 @@
+"""
+Adaptive masked language modeling (AMLM): the masking curriculum of Edman & Fraser,
+"Mask and You Shall Receive: Optimizing Masked Language Modeling for Pretraining BabyLMs" (BabyLM 2025).
+
+Plain MLM selects every token with the same probability p (0.15). AMLM gives every vocabulary
+type a masking weight w_i (starting at p) and, every `update_every` optimizer steps, moves the
+weights of types the model still predicts wrongly up and those it has learned down, so the
+prediction budget flows to what is still hard. p itself may decay over training (`mask_rate`);
+the paper's best configuration ("hard decay") goes from 0.40 to 0.15.
+metric="uniform" switches adaptation off (every weight stays p): the baseline runs the same code.
+
+In a training loop:
+
+    am = AMLM(vocab_size, special_ids=[PAD, CLS, SEP, MASK], mask_id=MASK, rate=0.40)
+    g = torch.Generator().manual_seed(0)
+    for step in range(total_steps):
+        inputs, labels = am.mask(batch, rate=mask_rate(step, total_steps, 0.40, 0.15), generator=g)
+        logits, loss = model(inputs, labels=labels)   # logits (n_labelled, V)
+        am.observe(labels, logits, inputs)            # statistics, no grad, a few ms
+        loss.backward(); opt.step(); opt.zero_grad()
+        am.step()                                     # every update_every steps: new weights
+
+Checks: python -m pytest test_amlm.py
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("hard", "soft", "uniform")
+# frequency-rank buckets for diagnostics: ranks 1-10, 11-100, 101-1k, 1k-10k, >10k (upper edges inclusive)
+BUCKET_EDGES = (10, 100, 1000, 10000)
+BUCKET_KEYS = ("1_10", "11_100", "101_1k", "1k_10k", "10k_plus")
+BUCKET_LABELS = ("1-10", "11-100", "101-1k", "1k-10k", ">10k")
+
+# -----------------------------------------------------------------------------
+# helpers: the mask-rate schedule and a table lookup
+
+def lookup(table, ids):
+    """table[ids] for a 1-D table. index_select, because on a busy CPU the advanced-indexing kernel
+    can wait milliseconds for a second thread even on a 32x128 batch. Example: lookup(w, [[2, 0]]) -> [[w2, w0]]."""
+    return table.index_select(0, ids.reshape(-1)).view(ids.shape)
+
+def mask_rate(step, total_steps, start, end):
+    """Masking rate at optimizer step `step`: linear from `start` (step 0) to `end` (step total_steps), then flat.
+    Example: mask_rate(50, 100, 0.40, 0.15) -> 0.275 ; mask_rate(7, 100, 0.15, 0.15) -> 0.15 (constant)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if not (0 < start < 1 and 0 < end < 1):
+        raise ValueError(f"mask rates must lie in (0, 1), got start={start} end={end}")
+    frac = min(max(step / total_steps, 0.0), 1.0)
+    return start + (end - start) * frac
+
+# -----------------------------------------------------------------------------
+
+class AMLM:
+    """Per-type masking weights, their statistics and update, and budgeted mask sampling.
+
+    vocab_size: V; special_ids: ids never selected nor drawn as random replacements ([PAD] [CLS] [SEP] ...;
+    mask_id is always added). Special types keep weight 0 and are left out of every mean, so
+    `weights[maskable].mean() == rate` holds at all times. rate: the base rate p, the scale of the weights.
+    metric: "hard" (top-1 accuracy), "soft" (cross-entropy) or "uniform" (no adaptation).
+    ema: weight of the OLD value in the update. min_weight: floor on any weight (must lie in (0, rate]).
+    exact_count: select exactly round(rate * L) positions per sequence instead of independent Bernoulli draws.
+    frequencies: (V,) counts of each type in the training data, only used to rank types in diagnostics().
+    """
+
+    def __init__(self, vocab_size, special_ids, mask_id, rate=0.15, metric="hard", ema=0.2,
+                 update_every=200, min_weight=0.005, exact_count=False, frequencies=None):
+        V = int(vocab_size)
+        specials = sorted({int(i) for i in special_ids} | {int(mask_id)})
+        if V < 2 or any(not 0 <= i < V for i in specials) or len(specials) >= V:
+            raise ValueError(f"special_ids and mask_id must be ids in [0, {V}) leaving at least one normal type")
+        if not 0 < rate < 1:
+            raise ValueError(f"rate must lie in (0, 1), got {rate}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if not 0 <= ema <= 1:
+            raise ValueError(f"ema must lie in [0, 1], got {ema}")
+        if int(update_every) < 1:
+            raise ValueError(f"update_every must be at least 1, got {update_every}")
+        if not 0 < min_weight <= rate:
+            raise ValueError(f"min_weight must lie in (0, rate={rate}], got {min_weight}")
+        self.vocab_size, self.mask_id, self.rate, self.metric = V, int(mask_id), float(rate), metric
+        self.ema, self.update_every, self.min_weight = float(ema), int(update_every), float(min_weight)
+        self.exact_count = bool(exact_count)
+        self.maskable = torch.ones(V, dtype=torch.bool)
+        self.maskable[specials] = False
+        self.replacements = self.maskable.nonzero().squeeze(1)  # ids the 10 % random replacement draws from
+        self.weights = torch.where(self.maskable, self.rate, 0.0).float()
+        # statistics since the last update: int64 counts, float32 sums (the paper's bfloat16 rounds large counts)
+        self.correct = torch.zeros(V, dtype=torch.long)   # hard: top-1 hits per type
+        self.total = torch.zeros(V, dtype=torch.long)     # hard: selected positions per type
+        self.ce_sum = torch.zeros(V)                      # soft: summed cross-entropy per type
+        self.ce_count = torch.zeros(V, dtype=torch.long)  # soft: [MASK]ed positions per type
+        self.steps, self.updates = 0, 0
+        self.last = {"observed": 0, "acc": math.nan, "ce": math.nan}  # the window before the latest update
+        # diagnostics only: normal types from most to least frequent (by id when no counts are given), on CPU
+        self.order = self.replacements.clone()
+        if frequencies is not None:
+            f = torch.as_tensor(frequencies, dtype=torch.float64).flatten()
+            if f.numel() != V:
+                raise ValueError(f"frequencies must have one count per type ({V}), got {f.numel()}")
+            self.order = self.order[torch.argsort(-f[self.order], stable=True)]
+        ranks = torch.arange(1, len(self.order) + 1)
+        self.bucket = torch.bucketize(ranks, torch.tensor(BUCKET_EDGES))  # bucket index of order[k]
+
+    def to(self, device):
+        """Move weights and statistics to `device` (the model's); returns self."""
+        for name in ("maskable", "replacements", "weights", "correct", "total", "ce_sum", "ce_count"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    # -------------------------------------------------------------------------
+    # sampling
+
+    def probabilities(self, input_ids, rate=None):
+        """(B, T) selection probabilities: pi_j proportional to w[x_j], each row summing to rate * L
+        (L = its non-special positions), no entry above 1, 0 on specials.
+        Probabilities that would exceed 1 are capped and the excess is spread over the rest of the row
+        in proportion to their weights (water-filling), so the expected rate stays exact.
+        Only relative weights matter here: each row is rescaled to its own budget.
+        Example: w(a)=1.0, w(b)=0.1, row [CLS a b b SEP], rate 0.5 -> budget 1.5, a would get 1.25:
+        capped to 1, the remaining 0.5 goes to the b's -> [0, 1, 0.25, 0.25, 0]."""
+        rate = self.rate if rate is None else float(rate)
+        if not 0 <= rate <= 1:
+            raise ValueError(f"rate must lie in [0, 1], got {rate}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        w = lookup(self.weights, input_ids)                                   # (B, T), 0 on specials
+        budget = rate * lookup(self.maskable, input_ids).sum(1, dtype=w.dtype)  # (B,) selections per row
+        capped = torch.zeros_like(w, dtype=torch.bool)
+        # each pass caps every entry above 1 and rescales the others to the budget that is left;
+        # the scale only grows, so a capped entry stays capped and T + 1 passes always suffice (1-2 in practice)
+        for _ in range(input_ids.shape[1] + 1):
+            free = torch.where(capped, 0.0, w)
+            scale = (budget - capped.sum(1)) / free.sum(1).clamp_min(1e-30)
+            pi = torch.where(capped, 1.0, free * scale[:, None])
+            over = pi > 1
+            if not over.any():
+                break
+            capped |= over
+        return pi
+
+    def mask(self, input_ids, rate=None, generator=None):
+        """Select positions and corrupt them BERT-style; returns (inputs, labels), both (B, T).
+        Selected positions become [MASK] 80 %, a random non-special token 10 %, unchanged 10 %;
+        labels hold the original id there and -100 elsewhere. All randomness comes from `generator`
+        (same device as input_ids) and the amount drawn never depends on the data, so masks are reproducible.
+
+        Bernoulli (default, the paper's way): each position independently with probability pi_j, so the
+        marginals are exactly pi but the count per row varies (64 tokens at 0.15: 9.6 +- 2.9).
+        exact_count=True: exactly round(rate * L) positions per row (halves round up), drawn without
+        replacement in proportion to pi by Gumbel-top-k. The count no longer varies, but the inclusion
+        probabilities are only close to pi (drawing without replacement flattens them slightly toward
+        uniform: a capped pi=1 position is not certain to be drawn) and rounding shifts each row's rate by up to 0.5/L.
+        Example: rate 0.5 on [CLS a b b SEP] selects 1.5 positions on average; exact_count selects 2."""
+        rate = self.rate if rate is None else float(rate)
+        pi = self.probabilities(input_ids, rate)
+        B, T = input_ids.shape
+        dev = input_ids.device
+        u = torch.rand(B, T, generator=generator, device=dev)
+        if self.exact_count:
+            k = torch.floor(rate * lookup(self.maskable, input_ids).sum(1).double() + 0.5)  # per-row count
+            keys = pi.log() - torch.log(-torch.log(u.clamp_min(1e-20)))  # log pi + Gumbel noise; specials -inf
+            order = keys.argsort(dim=1, descending=True)
+            rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=dev).expand(B, T))
+            selected = rank < k[:, None]
+        else:
+            selected = u < pi  # rand is in [0, 1): pi = 0 is never drawn, pi = 1 always
+        how = torch.rand(B, T, generator=generator, device=dev)
+        pick = torch.randint(len(self.replacements), (B, T), generator=generator, device=dev)
+        inputs = torch.where(selected & (how < 0.8), self.mask_id, input_ids)
+        inputs = torch.where(selected & (how >= 0.8) & (how < 0.9), lookup(self.replacements, pick), inputs)
+        labels = torch.where(selected, input_ids, -100)
+        return inputs, labels
+
+    # -------------------------------------------------------------------------
+    # statistics and update
+
+    @torch.no_grad()
+    def observe(self, labels, logits, inputs=None):
+        """Accumulate statistics from one (micro-)batch. labels: (B, T) with -100 where unselected;
+        logits: (n_labelled, V) in the row-major order of the labelled positions (what MaskedLM returns),
+        or (B, T, V). hard counts every selected position; soft counts only positions whose input is
+        [MASK] (as in the paper), which needs `inputs`; without it soft counts every labelled position.
+        Costs one row-max (hard) or one cross-entropy (soft) over the labelled logits; uniform does nothing.
+        Example: labels [[-100, 7, -100, 9]] and logits predicting 7 and 3 -> total[7]=1, correct[7]=1, total[9]=1."""
+        if self.metric == "uniform":
+            return
+        sel = labels != -100
+        y = labels[sel]
+        logits = logits.detach()
+        if logits.dim() == labels.dim() + 1:  # full (B, T, V) logits: keep the labelled rows
+            logits = logits[sel]
+        if logits.shape[0] != y.numel():
+            raise ValueError(f"got {logits.shape[0]} logit rows for {y.numel()} labelled positions")
+        if self.metric == "hard":
+            # right = the label's logit is the row maximum (a tie, more likely in bf16, counts as right);
+            # amax is a plain vectorised reduction, ~20x faster on CPU than argmax over (n, 16384) logits
+            hit = logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)
+            self.total.index_add_(0, y, torch.ones_like(y))
+            self.correct.index_add_(0, y, hit.long())
+            return
+        ce = F.cross_entropy(logits.float(), y, reduction="none")
+        if inputs is not None:  # soft: only [MASK]ed positions, the random/kept 10 % + 10 % are skipped
+            keep = inputs[sel] == self.mask_id  # (selecting after the CE is cheaper than copying the logits)
+            y, ce = y[keep], ce[keep]
+        self.ce_sum.index_add_(0, y, ce)
+        self.ce_count.index_add_(0, y, torch.ones_like(y))
+
+    def scores(self):
+        """(V,) difficulty score in [0, 1] per type from the current statistics, 1 = learned.
+        hard: (correct + 0.5) / (total + 1), an unseen type scores 0.5.
+        soft: 1 - minmax(mean cross-entropy) over the normal types, each mean including one pseudo-observation
+        at the uniform-guess loss ln V, so an unseen type counts as hard (ln V is near the top of the range).
+        The pseudo-observation is added here rather than stored, so all_reduce() counts it once.
+        Example (hard): correct 3 of total 4 -> 3.5 / 5 = 0.7."""
+        if self.metric == "hard":
+            return (self.correct + 0.5).float() / (self.total + 1).float()
+        mean = (self.ce_sum + math.log(self.vocab_size)) / (self.ce_count + 1).float()
+        lo, hi = mean.masked_fill(~self.maskable, math.inf).min(), mean.masked_fill(~self.maskable, -math.inf).max()
+        # every type equally hard (e.g. nothing observed): neutral 0.5, the update then keeps relative weights
+        return torch.where(hi > lo, 1 - (mean - lo) / (hi - lo).clamp_min(1e-12), 0.5)
+
+    def step(self):
+        """Call once per optimizer step (after all micro-batches were observed); updates every update_every steps."""
+        self.steps += 1
+        if self.steps % self.update_every == 0:
+            self.update()
+
+    @torch.no_grad()
+    def update(self):
+        """Move the weights toward the current difficulty (step() calls this), then reset the statistics:
+
+            q_i = p * (1 - score_i)              proposal: hard types (low score) get more
+            w_i <- ema * w_i + (1 - ema) * q_i   ema = 0.2 weights the OLD value
+            w_i <- max(w_i, min_weight)          nothing is ever switched off
+            w   <- w * p / mean(w)               mean over the normal types is the base rate p again
+
+        Example (hard, p = 0.15, ema = 0.2, two types at w = 0.15):
+            type A, 9 right of 9: score 9.5/10 = 0.95, q = 0.0075, w = 0.03 + 0.006 = 0.036
+            type B, 0 right of 9: score 0.5/10 = 0.05, q = 0.1425, w = 0.03 + 0.114 = 0.144
+            no clamp; mean 0.09, rescale by 0.15/0.09: w_A = 0.06, w_B = 0.24 (B is now chosen 4x as often).
+        p is the base rate given at construction, also when mask() gets a decaying rate: probabilities()
+        rescales every row to the current rate, so only the relative weights matter, and keeping their
+        scale fixed keeps the EMA and the floor (min_weight / p relative to the mean) the same all run long."""
+        self.all_reduce()
+        if self.metric == "hard":
+            n = int(self.total.sum())
+            self.last = {"observed": n, "acc": int(self.correct.sum()) / max(n, 1), "ce": math.nan}
+        elif self.metric == "soft":
+            n = int(self.ce_count.sum())
+            self.last = {"observed": n, "acc": math.nan, "ce": float(self.ce_sum.sum()) / max(n, 1)}
+        if self.metric != "uniform":
+            q = self.rate * (1 - self.scores())
+            w = (self.ema * self.weights + (1 - self.ema) * q).clamp_min(self.min_weight)
+            w = torch.where(self.maskable, w, 0.0)
+            self.weights = w * (self.rate * len(self.replacements) / w.sum())  # specials add 0 to the sum
+        for t in (self.correct, self.total, self.ce_sum, self.ce_count):
+            t.zero_()
+        self.updates += 1
+
+    def all_reduce(self):
+        """Sum the statistics over processes when torch.distributed is initialised (no-op otherwise).
+        update() calls it, so every process computes the same weights; all must call step() in lockstep."""
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and self.metric != "uniform":
+            for t in (self.correct, self.total, self.ce_sum, self.ce_count):
+                dist.all_reduce(t)
+
+    # -------------------------------------------------------------------------
+    # checkpointing
+
+    def state_dict(self):
+        """Everything needed for an exact resume: weights, statistics and step counters (plain tensors and ints)."""
+        sd = {k: getattr(self, k).clone() for k in ("weights", "correct", "total", "ce_sum", "ce_count")}
+        sd.update(steps=self.steps, updates=self.updates, metric=self.metric, vocab_size=self.vocab_size)
+        return sd
+
+    def load_state_dict(self, sd):
+        """Restore from state_dict(); the metric and vocabulary size must match this instance."""
+        if sd["vocab_size"] != self.vocab_size or sd["metric"] != self.metric:
+            raise ValueError(f"AMLM state is for metric={sd['metric']} V={sd['vocab_size']}, "
+                             f"this one is metric={self.metric} V={self.vocab_size}")
+        for k in ("weights", "correct", "total", "ce_sum", "ce_count"):
+            setattr(self, k, sd[k].to(device=self.weights.device, dtype=getattr(self, k).dtype).clone())
+        self.steps, self.updates = int(sd["steps"]), int(sd["updates"])
+
+    # -------------------------------------------------------------------------
+    # diagnostics (the paper's Figure 1: weight by frequency rank, and which tokens are hard)
+
+    def diagnostics(self, tokens=None):
+        """One flat CSV row of plain values describing the current weights: counters, the last window's
+        accuracy (hard) or mean cross-entropy (soft), mean weight per frequency-rank bucket (nan when a bucket
+        is empty), and the 5 hardest / easiest (highest / lowest weight) of the 1000 most frequent types,
+        joined with "|" (token strings if `tokens`, the id -> string list, is given, else ids).
+        Example: {"step": 400, "update": 2, ..., "w_rank_1_10": 0.031, ..., "hardest": "▁gave|▁him|...", ...}"""
+        w = self.weights.float().cpu()
+        wo = w[self.order]
+        sums = torch.zeros(len(BUCKET_KEYS), dtype=torch.float64).index_add_(0, self.bucket, wo.double())
+        counts = torch.bincount(self.bucket, minlength=len(BUCKET_KEYS))
+        top = self.order[:1000]
+        by_weight = top[torch.argsort(w[top], descending=True, stable=True)].tolist()
+        name = (lambda i: tokens[i]) if tokens is not None else str
+        d = {"step": self.steps, "update": self.updates, "metric": self.metric, **self.last,
+             "w_min": float(wo.min()), "w_max": float(wo.max())}
+        for key, s, c in zip(BUCKET_KEYS, sums.tolist(), counts.tolist()):
+            d[f"w_rank_{key}"] = s / c if c else math.nan
+        d["hardest"] = "|".join(name(i) for i in by_weight[:5])
+        d["easiest"] = "|".join(name(i) for i in by_weight[::-1][:5])
+        return d
+
+    def summary(self, tokens=None):
+        """One line for the training log, e.g.
+        'amlm hard update 2 step 400 acc 0.412 | w by freq rank 1-10 0.031 11-100 0.072 ... | hardest ... | easiest ...'"""
+        d = self.diagnostics(tokens)
+        fit = f"acc {d['acc']:.3f}" if self.metric == "hard" else f"ce {d['ce']:.3f}" if self.metric == "soft" else ""
+        ranks = " ".join(f"{lab} {d['w_rank_' + k]:.3f}" for lab, k in zip(BUCKET_LABELS, BUCKET_KEYS)
+                         if not math.isnan(d["w_rank_" + k]))
+        return (f"amlm {self.metric} update {d['update']} step {d['step']} {fit} | w by freq rank {ranks}"
+                f" | hardest {d['hardest']} | easiest {d['easiest']}")

@@ -1,0 +1,581 @@
+"""
+Everything between raw text and packed token batches, for amlm: a minimal PyTorch reimplementation of
+Edman & Fraser, "Mask and You Shall Receive", BabyLM 2025.
+
+    corpus (name or path) -> lines -> BPE tokenizer -> flat cached token array -> packed (B, T) batches
+                                        `-> character sub-token (N-hot) table for the model
+
+Run:  python data.py --corpus synthetic            (offline, seconds)
+      python data.py --corpus babylm_10M --data-dir data --vocab-size 16384
+
+Tokenizer: character-level BPE with byte fallback, trained in plain Python.
+  ids 0-4 specials, 5-260 the 256 UTF-8 bytes "<0x00>".."<0xFF>", then the alphabet (characters seen >= 2
+  times), then merges. A character outside the alphabet is encoded as its UTF-8 bytes, so nothing is ever [UNK].
+  Normalisation: whitespace runs (and a literal "▁") become one space, leading/trailing whitespace is dropped,
+  so decode(encode(s)) == " ".join(s.replace("▁", " ").split()) for every string s. Case is kept.
+  Every line starts a word (like SentencePiece), so "walked" at line start and " walked" share "▁walked".
+"""
+import argparse, array, hashlib, heapq, json, os, random, re, shutil, sys, time, urllib.request, zipfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+PAD, CLS, SEP, UNK, MASK = 0, 1, 2, 3, 4
+SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+FIRST_BYTE, FIRST_CHAR = 5, 5 + 256          # byte-fallback ids, then the alphabet
+MIN_CHAR_COUNT = 2                          # rarer characters fall back to bytes
+VAL_EVERY = 150                             # non-empty line k is validation iff k % 150 == 0 (0.67 %)
+TOKENIZER_VERSION, CACHE_VERSION = 1, 1
+# a pre-token: optional word-start marker, then a word (letters, inner apostrophes), a number, or punctuation.
+# Every non-space character falls in one branch, so nothing is lost; "▁" only ever appears as the prefix.
+PAT = re.compile(r"▁?(?:[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|(?:[^\w\s▁]|_)+)")
+PAT_LINES = re.compile(PAT.pattern + r"|\n")  # corpus encoding: "\n" between lines becomes [SEP] [CLS]
+DOWNLOADS = {"babylm_10M": ("https://osf.io/download/5mk3x/", "dc67e5d2db96ed4f76cb072e2504a18c")}
+KNOWN = ["babylm_10M", "babylm_100M", "synthetic"]
+
+
+class DataError(Exception):
+    """A user mistake (bad path, bad size, corrupt file); the message is one clear sentence."""
+
+
+# ----------------------------------------------------------------------------- corpus
+
+def find_files(path):
+    """Text files of a corpus path: the file itself, or a folder's *.train/*.txt, sorted, recursively
+    (hidden files and __MACOSX zip debris skipped). Example: dir with b.txt, a/c.train -> [a/c.train, b.txt]."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.suffix in (".train", ".txt") and p.is_file()
+                  and not any(s.startswith((".", "__MACOSX")) for s in p.relative_to(path).parts))
+
+
+def _urlopen(url):
+    return urllib.request.urlopen(url, timeout=60)  # a dead network fails instead of hanging forever
+
+
+def download(url, dest, md5=None, opener=_urlopen, quiet=False):
+    """Download url to dest via dest.part (renamed only when complete); an md5 mismatch is a loud warning."""
+    dest, part, h = Path(dest), Path(str(dest) + ".part"), hashlib.md5()
+    try:
+        with opener(url) as r, open(part, "wb") as f:
+            size = int(getattr(r, "headers", {}).get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=quiet) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk), h.update(chunk), bar.update(len(chunk))
+    except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+        part.unlink(missing_ok=True)
+        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)})") from None
+    if md5 and h.hexdigest() != md5:
+        print(f"WARNING: {dest.name} has md5 {h.hexdigest()}, expected {md5}; using it anyway", file=sys.stderr)
+    os.replace(part, dest)
+
+
+def safe_extract(zip_path, target):
+    """Extract a zip into target via a temporary folder, refusing members that would land outside it
+    (absolute paths, "../"); on any failure nothing is left behind. Example: member "../evil" -> DataError."""
+    target = Path(target)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            for m in z.infolist():
+                parts = Path(m.filename.replace("\\", "/")).parts
+                if m.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                    raise DataError(f"refusing to extract {zip_path}: member {m.filename!r} escapes the target folder")
+            z.extractall(tmp, [m for m in z.infolist() if not m.filename.startswith("__MACOSX")])
+        os.replace(tmp, target)
+    except zipfile.BadZipFile:
+        raise DataError(f"{zip_path} is not a valid zip file") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def synthetic_text(n_sentences=40_000, seed=0):
+    """A deterministic English-like corpus from a tiny grammar with regular morphology (walk/walked/walks/
+    walking, happy/happiness/happily, real/reality, baby/babies); ~320k words in ~0.2 s.
+    Example: synthetic_text(2) -> "The calm farmer followed a baby.\\nDid the ..." (one sentence per line)."""
+    rng = random.Random(seed)
+    nouns = "dog cat bird teacher farmer king queen doctor student girl boy horse friend baker baby puppy".split()
+    verbs = "walk jump help call watch visit follow paint clean push kick like love wash chase kiss".split()
+    adjs = "happy kind dark quick sad bright calm weak soft brave silly lazy".split()
+    adjs_ity = "active real formal normal equal rapid solid humid timid stupid".split()
+    places = "park garden river house school market forest".split()
+    names = "Anna Ben Clara David Emma Felix".split()
+    y_ies = lambda w, end: w[:-1] + "i" + end if w[-1] == "y" and w[-2] not in "aeiou" else None  # baby -> babies
+    plural = {n: y_ies(n, "es") or n + "s" for n in nouns}
+    past = {v: v + "d" if v.endswith("e") else v + "ed" for v in verbs}
+    third = {v: v + "es" if v.endswith(("sh", "ch", "ss")) else v + "s" for v in verbs}
+    ing = {v: v[:-1] + "ing" if v.endswith("e") else v + "ing" for v in verbs}
+    ness = [y_ies(a, "ness") or a + "ness" for a in adjs]
+    ity = [a[:-1] + "ity" if a.endswith("e") else a + "ity" for a in adjs_ity]
+    adv = [y_ies(a, "ly") or a + "ly" for a in adjs]
+    c = rng.choice
+    templates = [
+        lambda: f"the {c(adjs)} {c(nouns)} {past[c(verbs)]} {c(['the', 'a'])} {c(nouns)}.",
+        lambda: f"the {plural[c(nouns)]} {c(verbs)} the {c(adjs)} {plural[c(nouns)]} in the {c(places)}.",
+        lambda: f"a {c(nouns)} {third[c(verbs)]} the {c(nouns)} {c(adv)}.",
+        lambda: f"the {c(ness)} of the {c(nouns)} {past[c(verbs)]} the {plural[c(nouns)]}.",
+        lambda: f"did the {c(nouns)} {c(verbs)} the {c(nouns)}?",
+        lambda: f"the {c(nouns)} was {ing[c(verbs)]} {c(adv)} near the {c(places)}.",
+        lambda: f"{c(names)} said that the {c(ity)} of the {c(nouns)} {past[c(verbs)]} everyone.",
+    ]
+    return "\n".join(s[0].upper() + s[1:] for s in (c(templates)() for _ in range(n_sentences))) + "\n"
+
+
+def resolve_corpus(corpus, data_dir="data", quiet=False, opener=_urlopen):
+    """Turn --corpus into a list of text files: a path, `synthetic` (written to <data_dir>/synthetic/),
+    or a BabyLM name looked up as <data_dir>/<name>/ and downloaded there if absent."""
+    data_dir = Path(data_dir)
+    if corpus == "synthetic":
+        path = data_dir / "synthetic" / "synthetic.train"
+        if not path.exists():  # written once, so its mtime (part of the cache key) stays put
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(synthetic_text(), encoding="utf-8")
+            os.replace(path.with_suffix(".tmp"), path)
+        return [path]
+    if corpus in KNOWN:
+        folder = data_dir / corpus
+        if not (folder.is_dir() and find_files(folder)):
+            if corpus not in DOWNLOADS:
+                raise DataError(f"{corpus} is not in {folder}/; download train_100M.zip from the BabyLM OSF "
+                                f"project (https://osf.io/ad7qg/) and unzip its *.train files there")
+            url, md5 = DOWNLOADS[corpus]
+            zip_path = data_dir / f"{corpus}.zip"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                download(url, zip_path, md5, opener, quiet)
+            except DataError as e:
+                raise DataError(f"{e}; without network, put the BabyLM *.train files into {folder}/") from None
+            safe_extract(zip_path, folder)
+            zip_path.unlink()
+        corpus = folder
+    path = Path(corpus)
+    if not path.exists():
+        raise DataError(f"unknown corpus {str(corpus)!r}: not an existing file or folder, "
+                        f"nor one of {', '.join(KNOWN)}")
+    files = find_files(path)
+    if not files:
+        raise DataError(f"corpus folder {path} holds no *.train or *.txt files")
+    return files
+
+
+def read_lines(files):
+    """Normalised non-empty lines, split into (train, val, n_train_words); every VAL_EVERY-th line is held out.
+    Lines come back word-start-marked: "  Hi  there " -> "▁Hi▁there". Bad bytes become U+FFFD."""
+    train, val, n_words, k = [], [], 0, 0
+    for f in files:
+        for line in f.read_text(encoding="utf-8", errors="replace").replace("▁", " ").splitlines():
+            words = line.split()
+            if words:
+                if k % VAL_EVERY == 0:
+                    val.append("▁" + "▁".join(words))
+                else:
+                    train.append("▁" + "▁".join(words))
+                    n_words += len(words)
+                k += 1
+    return train, val, n_words
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def pre_tokenize(text):
+    """Example: "I walked, (walked) 42x" -> ["▁I", "▁walked", ",", "▁(", "walked", ")", "▁42", "x"]."""
+    return PAT.findall("▁" + "▁".join(text.replace("▁", " ").split())) if text else []
+
+
+def _merge(ids, pair, new):
+    """Replace each non-overlapping occurrence of pair, left to right. Example: [1,1,1], (1,1), 9 -> [9,1]."""
+    a, b = pair
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if ids[i] == a and i + 1 < n and ids[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _learn_merges(words, freqs, n_merges, next_id, quiet=True):
+    """BPE training on unique words (lists of ids, modified in place), touching only words that contain the
+    merged pair. A heap with lazy deletion picks the most frequent pair, ties -> smallest (a, b) ids.
+    Example: words [[a,b,a,b]] x3, [[a,b]] x1 -> merges [(a,b)=7 times, (ab,ab)=3 times]."""
+    counts, where = defaultdict(int), defaultdict(set)
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for p in zip(w, w[1:]):
+            counts[p] += f
+            where[p].add(i)
+    heap = [(-c, p) for p, c in counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    for new in tqdm(range(next_id, next_id + n_merges), desc="bpe merges", disable=quiet, mininterval=1):
+        while heap:  # pop until an entry matches the live count; entries go stale when counts drop
+            c, pair = heapq.heappop(heap)
+            live = counts.get(pair, 0)
+            if live == -c:
+                break
+            if 0 < live < -c:
+                heapq.heappush(heap, (-live, pair))
+        else:
+            break  # no pairs left: the corpus is exhausted before vocab_size
+        merges.append(pair)
+        grown = set()
+        for i in where.pop(pair):
+            w = words[i]
+            out = _merge(w, pair, new)
+            if len(out) == len(w):
+                continue  # stale index entry: an earlier merge already consumed the pair here
+            f = freqs[i]
+            for p in zip(w, w[1:]):
+                counts[p] -= f
+            for p in zip(out, out[1:]):
+                counts[p] += f
+                if new in p:
+                    where[p].add(i)
+                    grown.add(p)
+            words[i] = out
+        del counts[pair]
+        for p in grown:
+            heapq.heappush(heap, (-counts[p], p))
+    return merges
+
+
+class _WordCache(dict):
+    """pre-token -> tuple of ids, computed on first use (the per-word encode cache)."""
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def __missing__(self, word):
+        ids = self[word] = tuple(self.fn(word))
+        return ids
+
+
+def subtoken_units(token, n=3):
+    """Character n-grams (1..n) of a token, with "<" for a word start ("▁") and ">" for the token's end
+    (the bare ">" is dropped: every token has it). Example, n=3: "▁walked" -> "<walked>" ->
+    < w a l k e d | <w wa al lk ke ed d> | <wa wal alk lke ked ed>  (20 units; "ed>" is shared with
+    "▁jumped" but not with "▁edge", whose "ed" is inner)."""
+    s = ("<" + token[1:] if token.startswith("▁") else token) + ">"
+    units = dict.fromkeys(s[i:i + k] for k in range(1, n + 1) for i in range(len(s) - k + 1))
+    units.pop(">", None)
+    return list(units)
+
+
+class Tokenizer:
+    """Character BPE with byte fallback (see the module docstring). Build with Tokenizer.train or load."""
+
+    def __init__(self, alphabet, merges):
+        self.alphabet, self.merges = list(alphabet), [tuple(p) for p in merges]
+        self.tokens = SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + self.alphabet
+        self._char_id = {ch: FIRST_CHAR + i for i, ch in enumerate(self.alphabet)}
+        # splits a word into [alphabet run, foreign run, alphabet run, ...]; foreign characters become bytes
+        self._foreign = re.compile(f"([^{re.escape(''.join(self.alphabet))}]+)")
+        self._ranks = {}  # pair -> merged id; ids grow with rank, so the smallest id is the earliest merge
+        for new, (a, b) in enumerate(self.merges, len(self.tokens)):
+            self._ranks[(a, b)] = new
+            self.tokens.append(self.tokens[a] + self.tokens[b])
+        self.vocab_size = len(self.tokens)
+        self._cache = _WordCache(self._encode_word)
+
+    @classmethod
+    def train(cls, texts_or_counts, vocab_size, quiet=True):
+        """Learn merges from texts (str or iterable of str) or a {pre-token: count} mapping. The vocabulary
+        may end up smaller than vocab_size if the corpus runs out of pairs. Example: train({"abab": 3, "ab": 1},
+        266) -> alphabet ▁ a b (ids 261-263), merges a+b (7 times) then ab+ab (3 times): tokens[-2:] == ["ab",
+        "abab"], and encode("abab") == [261, 265]."""
+        counts = texts_or_counts
+        if isinstance(counts, str):
+            counts = [counts]
+        if not hasattr(counts, "items"):
+            counts = Counter(chain.from_iterable(map(pre_tokenize, counts)))
+        chars = Counter()
+        for w, c in counts.items():
+            for ch in w:
+                chars[ch] += c
+        alphabet = ["▁"] + sorted((ch for ch, c in chars.items() if c >= MIN_CHAR_COUNT and ch != "▁"),
+                                  key=lambda ch: (-chars[ch], ch))
+        if vocab_size < FIRST_CHAR + len(alphabet):
+            raise DataError(f"vocab size {vocab_size} is smaller than the {FIRST_CHAR + len(alphabet)} base tokens "
+                            f"(5 specials, 256 bytes, {len(alphabet)} characters); use a larger --vocab-size")
+        tok = cls(alphabet, [])
+        seg = Counter()  # words split at out-of-alphabet characters, which never take part in merges
+        for w, c in counts.items():
+            for run in tok._foreign.split(w)[::2]:
+                seg[run] += c
+        del seg[""]
+        strings = list(seg)
+        words = [[tok._char_id[ch] for ch in s] for s in strings]
+        merges = _learn_merges(words, list(seg.values()), vocab_size - tok.vocab_size, tok.vocab_size, quiet)
+        tok = cls(alphabet, merges)
+        tok._cache.update(zip(strings, map(tuple, words)))  # training already segmented every corpus word
+        return tok
+
+    def _bpe(self, chars):
+        ids = [self._char_id[ch] for ch in chars]
+        while len(ids) > 1:
+            pair = min(zip(ids, ids[1:]), key=lambda p: self._ranks.get(p, 1 << 62))
+            if pair not in self._ranks:
+                break
+            ids = _merge(ids, pair, self._ranks[pair])
+        return ids
+
+    def _encode_word(self, word):
+        """BPE within runs of alphabet characters; other characters become their UTF-8 byte ids.
+        Example: "▁a☃b" -> [id("▁a"), 231, 157, 136, id("b")] (☃ = E2 98 83)."""
+        parts = self._foreign.split(word)
+        if len(parts) == 1:
+            return self._bpe(word)
+        ids = []
+        for i, part in enumerate(parts):
+            ids += [FIRST_BYTE + b for b in part.encode("utf-8", "surrogatepass")] if i % 2 else self._cache[part]
+        return ids
+
+    def encode(self, text):
+        """Text -> ids, no specials. Example: encode("Hi 🦊") -> [id("▁Hi"), id("▁"), 245, 164, 171, 143]."""
+        return list(chain.from_iterable(map(self._cache.__getitem__, pre_tokenize(text))))
+
+    def encode_words(self, text):
+        """Like encode, grouped per pre-token (a word, number or punctuation run; for PLL-word-l2r).
+        Example: "I walked." -> [[id("▁I")], [id("▁walk"), id("ed")], [id(".")]]."""
+        return [list(self._cache[w]) for w in pre_tokenize(text)]
+
+    def encode_lines(self, lines):
+        """Marked lines (see read_lines) -> flat array [CLS] line1 [SEP] [CLS] line2 [SEP] ... (uint16 if it fits)."""
+        lookup = _WordCache(self._encode_word)
+        lookup.update(self._cache)
+        lookup["\n"] = (SEP, CLS)
+        out = array.array("H" if self.vocab_size <= 65535 else "i")
+        for i in range(0, len(lines), 50_000):  # big chunks: one findall, a C-level map, no per-token Python
+            out.append(CLS)
+            out.extend(chain.from_iterable(map(lookup.__getitem__, PAT_LINES.findall("\n".join(lines[i:i + 50_000])))))
+            out.append(SEP)
+        return np.frombuffer(out, dtype=np.uint16 if out.typecode == "H" else np.int32).copy()
+
+    def decode(self, ids):
+        """Ids -> text, specials skipped, byte runs decoded as UTF-8. Example: decode(encode(" a  b")) -> "a b"."""
+        out, buf = [], bytearray()
+        for i in map(int, ids):
+            if FIRST_BYTE <= i < FIRST_CHAR:
+                buf.append(i - FIRST_BYTE)
+                continue
+            if buf:
+                out.append(buf.decode("utf-8", "replace"))
+                buf.clear()
+            if not 0 <= i < self.vocab_size:
+                raise DataError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+            if i >= FIRST_CHAR:
+                out.append(self.tokens[i])
+        out.append(buf.decode("utf-8", "replace"))
+        s = "".join(out).replace("▁", " ")
+        return s[1:] if s.startswith(" ") else s
+
+    def subtoken_table(self, n=3, min_count=2, max_units=8192):
+        """N-hot table for the model: row i lists unit ids of token i (see subtoken_units), padded with -1.
+        Units kept if found in >= min_count vocabulary entries, the max_units most frequent (ties by name).
+        Specials and bytes get no units; a token is never its own unit (the model adds its embedding anyway).
+        Returns (LongTensor (vocab_size, max units per token), unit names)."""
+        per = [subtoken_units(t, n) if i >= FIRST_CHAR else [] for i, t in enumerate(self.tokens)]
+        df = Counter(chain.from_iterable(per))
+        units = sorted((u for u, c in df.items() if c >= min_count), key=lambda u: (-df[u], u))[:max_units]
+        index = {u: i for i, u in enumerate(units)}
+        rows = [[index[u] for u in us if u in index] for us in per]
+        table = np.full((len(rows), max(1, max(map(len, rows)))), -1, dtype=np.int64)
+        for i, r in enumerate(rows):
+            table[i, :len(r)] = r
+        return torch.from_numpy(table), units
+
+    def to_json(self):
+        return json.dumps({"format": "amlm-bpe", "version": TOKENIZER_VERSION, "pattern": PAT.pattern,
+                           "vocab_size": self.vocab_size, "alphabet": self.alphabet, "merges": self.merges},
+                          ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, s):
+        try:
+            d = json.loads(s)
+            a, m = d["alphabet"], d["merges"]
+            ok = ((d["format"], d["version"], d["pattern"]) == ("amlm-bpe", TOKENIZER_VERSION, PAT.pattern)
+                  and a[:1] == ["▁"] and len(set(a)) == len(a) and all(isinstance(c, str) and len(c) == 1 for c in a)
+                  and all(len(p) == 2 and all(type(x) is int and FIRST_CHAR <= x < FIRST_CHAR + len(a) + i for x in p)
+                          for i, p in enumerate(m)))
+            tok = cls(a, m) if ok else None
+            if tok and tok.vocab_size == d["vocab_size"]:
+                return tok
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass
+        raise DataError("corrupted tokenizer JSON (or one from another amlm version); delete it and prepare again")
+
+    def save(self, path):
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, DataError) as e:
+            raise DataError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- cache + prepare
+
+@dataclass
+class Data:
+    """What prepare returns; n_train_words counts whitespace words, n_train_tokens includes [CLS]/[SEP]."""
+    tokenizer: Tokenizer
+    train: np.ndarray          # flat ids, memmapped; each line is [CLS] ... [SEP]
+    val: np.ndarray
+    nhot_table: torch.Tensor   # (vocab_size, max_units) LongTensor, pad -1
+    units: list
+    n_train_words: int
+    n_train_tokens: int
+    key: str
+    cache_dir: Path
+    info: dict
+
+
+def cache_key(files, vocab_size):
+    """Hash of everything the cached arrays depend on: files (name, size, mtime) and tokenizer settings."""
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps([stats, vocab_size, PAT.pattern, TOKENIZER_VERSION, CACHE_VERSION,
+                                      MIN_CHAR_COUNT, VAL_EVERY]).encode()).hexdigest()[:16]
+
+
+def _build_cache(files, vocab_size, cache, quiet):
+    train, val, n_words = read_lines(files)
+    if not train:
+        raise DataError(f"the corpus ({len(files)} file(s) starting with {files[0]}) holds no text, or a single line")
+    counts = Counter()
+    for i in range(0, len(train), 50_000):  # chunked so the pre-token lists stay small
+        counts.update(PAT.findall("".join(train[i:i + 50_000])))
+    if not quiet:
+        print(f"data: {len(files)} files, {len(train):,} lines, {n_words:,} words; {len(counts):,} distinct "
+              f"pre-tokens; training BPE up to {vocab_size:,} tokens, then encoding", file=sys.stderr)
+    tok = Tokenizer.train(counts, vocab_size, quiet=quiet)
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")  # renamed into place only when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        tr, va = tok.encode_lines(train), tok.encode_lines(val)
+        np.save(tmp / "train.npy", tr), np.save(tmp / "val.npy", va)
+        tok.save(tmp / "tokenizer.json")
+        meta = {"files": [str(f) for f in files], "lines": len(train), "words": n_words, "tokens": len(tr),
+                "val_lines": len(val), "val_tokens": len(va), "tokens_per_word": (len(tr) - 2 * len(train)) / n_words}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if not (cache / "meta.json").exists():  # else another process finished first: keep its copy
+            shutil.rmtree(cache, ignore_errors=True)  # an incomplete cache folder is never trusted
+            os.replace(tmp, cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare(corpus, data_dir="data", vocab_size=16384, quiet=False):
+    """Resolve the corpus, train the tokenizer and tokenize once (cached under <data_dir>/cache/<key>/),
+    and return a Data. Example: prepare("synthetic", "/tmp/d", 1000).train[:3] -> [CLS, id("▁The"), ...]."""
+    t0, data_dir = time.time(), Path(data_dir)
+    try:
+        (data_dir / "cache").mkdir(parents=True, exist_ok=True)
+        probe = data_dir / "cache" / f".probe{os.getpid()}"
+        probe.write_bytes(b""), probe.unlink()
+    except OSError as e:
+        raise DataError(f"data dir {data_dir} is not writable ({e.strerror or e}); "
+                        "pass --data-dir with a writable folder") from None
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise DataError(f"vocab size must be a positive integer, got {vocab_size!r}")
+    files = resolve_corpus(corpus, data_dir, quiet)
+    key = cache_key(files, vocab_size)
+    cache = data_dir / "cache" / key
+    hit = (cache / "meta.json").exists()
+    if not hit:
+        _build_cache(files, vocab_size, cache, quiet)
+    tok = Tokenizer.load(cache / "tokenizer.json")
+    train, val = np.load(cache / "train.npy", mmap_mode="r"), np.load(cache / "val.npy", mmap_mode="r")
+    table, units = tok.subtoken_table()
+    info = json.loads((cache / "meta.json").read_text())
+    info.update(corpus=str(corpus), vocab_size=tok.vocab_size, units=len(units), cache_hit=hit,
+                seconds=round(time.time() - t0, 2), cache=str(cache))
+    return Data(tok, train, val, table, units, info["words"], len(train), key, cache, info)
+
+
+# ----------------------------------------------------------------------------- packing
+
+class Batches:
+    """Packed training batches. The flat token array is cut into contiguous blocks of block_size; each epoch
+    visits every block once in a seeded random order. next(batch_tokens, seq_len) takes batch_tokens //
+    block_size blocks and splits each into block_size // seq_len rows, so changing seq_len mid-run keeps the
+    data order and the tokens per batch. Example: 1024 tokens, block 256 -> 4 blocks; next(512, 64) ->
+    (8, 64): rows 0-3 are one block, rows 4-7 another; after two calls epoch == 1."""
+
+    def __init__(self, tokens, block_size=256, seed=0):
+        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+        self.n_blocks = len(tokens) // block_size  # the tail shorter than a block is dropped
+        if self.n_blocks == 0:
+            raise DataError(f"the corpus has {len(tokens)} tokens, fewer than one block of {block_size}")
+        self.epoch, self.pos, self._perm = 0, 0, None
+
+    def _order(self):
+        if self._perm is None or self._perm[0] != self.epoch:
+            self._perm = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.n_blocks))
+        return self._perm[1]
+
+    def next(self, batch_tokens, seq_len):
+        bs = self.block_size
+        if seq_len < 1 or bs % seq_len or batch_tokens < bs or batch_tokens % bs:
+            raise DataError(f"need seq_len dividing block_size {bs} and batch_tokens a multiple of it, "
+                            f"got seq_len {seq_len}, batch_tokens {batch_tokens}")
+        need, picks = batch_tokens // bs, []
+        while need:  # may run over into the next epoch
+            take = self._order()[self.pos:self.pos + need]
+            picks.append(take)
+            self.pos, need = self.pos + len(take), need - len(take)
+            if self.pos == self.n_blocks:
+                self.epoch, self.pos = self.epoch + 1, 0
+        idx = np.concatenate(picks)
+        rows = np.asarray(self.tokens[(idx[:, None] * bs + np.arange(bs)).ravel()], dtype=np.int64)
+        return torch.from_numpy(rows).view(-1, seq_len)
+
+    def state_dict(self):
+        return {"seed": self.seed, "block_size": self.block_size, "n_blocks": self.n_blocks,
+                "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, d):
+        if (d["block_size"], d["n_blocks"]) != (self.block_size, self.n_blocks):
+            raise DataError(f"batch state is for {d['n_blocks']} blocks of {d['block_size']}, "
+                            f"but this data has {self.n_blocks} blocks of {self.block_size}")
+        self.seed, self.epoch, self.pos = int(d["seed"]), int(d["epoch"]), int(d["pos"])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare a corpus: tokenizer, cached tokens, sub-token units.")
+    p.add_argument("--corpus", required=True, help=f"a file, a folder, or one of {', '.join(KNOWN)}")
+    p.add_argument("--data-dir", default="data", help="where downloads and caches go (default: data)")
+    p.add_argument("--vocab-size", type=int, default=16384)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        d = prepare(args.corpus, args.data_dir, args.vocab_size, args.quiet)
+    except DataError as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        return 1
+    i = d.info
+    print(f"corpus {i['corpus']}: {len(i['files'])} files, {i['lines']:,} lines, {i['words']:,} words, "
+          f"{i['tokens']:,} tokens (train; val {i['val_tokens']:,})\n"
+          f"tokens/word {i['tokens_per_word']:.3f} (without [CLS]/[SEP]), vocab {i['vocab_size']:,}, "
+          f"sub-token units {i['units']:,} (max {d.nhot_table.shape[1]} per token)\n"
+          f"{i['seconds']:.1f} s ({'cache hit' if i['cache_hit'] else 'built'}), cache {i['cache']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

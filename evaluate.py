@@ -1,0 +1,445 @@
+"""
+Zero-shot evaluation of a masked LM the way the BabyLM 2025 pipeline scores MLMs: BLiMP-style
+minimal pairs, WUG morphology, entity tracking and EWoK, by pseudo-log-likelihood (PLL).
+
+Paper: Edman & Fraser, "Mask and You Shall Receive: Optimizing Masked Language Modeling for
+Pretraining BabyLMs" (BabyLM Challenge 2025). Its claims are about these tasks, so a trained
+checkpoint can be scored here without installing the BabyLM pipeline.
+
+A candidate's PLL: for each scored token, one copy of [CLS] text [SEP] with that token replaced
+by [MASK]; the log-softmax of the true token at that position (temperature 1), summed. With
+--pll word-l2r (Kauf & Ivanova 2023) the later sub-tokens of the same word are masked too, which
+is fairer to words split into several tokens. All copies of all sentences go through the model
+in large length-sorted batches, and the head is computed only at the masked position.
+
+    python evaluate.py out/run/latest.pt ../shared/data/blimp_fast --out results.json
+    python evaluate.py CKPT blimp/ wug.jsonl --pll word-l2r --limit 50 --device cpu
+
+A PATH is a .jsonl file or a directory of them; the format is told by each file's fields.
+Speed: BLiMP-fast (13,400 pairs = 269,682 masked copies) takes 76-120 s with the untrained `tiny`
+model on the 2-core development CPU (bf16 on AMX; fp32 about 2.5x slower), other jobs sharing the cores.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+# OpenMP threads that spin while waiting stall whenever another process holds a core: on this 2-core
+# machine, with one other busy job, BLiMP-fast took 4-5x longer than with passive waiting. Read once, when
+# torch loads, so this only acts when evaluate.py is run or imported first; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import CLS, MASK, PAD, SEP, DataError, Tokenizer
+from model import MaskedLM, ModelConfig
+
+PLL_VARIANTS = ("standard", "word-l2r")
+FORMATS = {  # format -> fields that identify it (and must be on every line)
+    "minimal_pairs": ("sentence_good", "sentence_bad"),
+    "wug": ("sentences", "ratio"),
+    "entity_tracking": ("input_prefix", "options"),
+    "ewok": ("Context1", "Target1", "Target2"),
+}
+
+class EvalError(Exception):
+    """A user mistake (bad path, malformed line, unreadable checkpoint), said in one sentence."""
+
+class UnknownFormat(EvalError):
+    """A file whose records match no known format: reported and skipped, never scored."""
+
+# -----------------------------------------------------------------------------
+# checkpoint loading
+
+def load_checkpoint(path, device="cpu"):
+    """Load a train.py checkpoint -> (model in eval mode on device, tokenizer, checkpoint dict).
+    Example: load_checkpoint("out/run/latest.pt") -> (MaskedLM(...), Tokenizer(...), {"step": 1000, ...})"""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled foreign objects...
+        raise EvalError(f"cannot read checkpoint {path} (truncated or not a torch checkpoint: {type(e).__name__})")
+    if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= ckpt.keys():
+        raise EvalError(f"{path} is not an amlm checkpoint (it needs the keys model, config and tokenizer)")
+    try:
+        model = MaskedLM(ModelConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
+    except (TypeError, RuntimeError, KeyError, ValueError) as e:
+        raise EvalError(f"{path} does not match this version of model.py/data.py: {str(e).splitlines()[0]}")
+    return model.to(device).eval(), tokenizer, ckpt
+
+# -----------------------------------------------------------------------------
+# PLL scoring
+
+def tokenize(tokenizer, prefix, completion, pll="standard"):
+    """Token ids of prefix + completion and, per token, how many positions to mask when scoring it:
+    0 = not scored (the prefix), 1 = the token alone, k = it and the k-1 later sub-tokens of its word
+    (word-l2r). The completion starts where the text's tokens stop matching the prefix's own tokens.
+    Example (word-l2r, "walked" = "▁walk" "ed"): ("", "he walked") -> ([▁he, ▁walk, ed], [1, 2, 1])"""
+    text = prefix + completion
+    words = tokenizer.encode_words(text) if pll == "word-l2r" else [[t] for t in tokenizer.encode(text)]
+    ids = [t for w in words for t in w]
+    spans = [len(w) - j for w in words for j in range(len(w))]
+    first = 0
+    for a, b in zip(tokenizer.encode(prefix), ids):
+        if a != b:
+            break
+        first += 1
+    return ids, [0] * first + spans[first:]
+
+def use_bf16(device, precision="auto"):
+    """Whether to run under bf16 autocast: "auto" = on CUDA with bf16, or on a CPU with AMX tiles.
+    Example: use_bf16(torch.device("cpu"), "fp32") -> False"""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise EvalError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private API: absent -> no bf16
+    return device.type == "cpu" and amx is not None and amx()
+
+@contextmanager
+def frozen_embeddings(model):
+    """Compose the N-hot embedding matrix once instead of once per batch (it is fixed at inference).
+    Example: with frozen_embeddings(model): model(x) ... # same logits, one embedding_bag call"""
+    if not hasattr(model, "embedding_matrix"):
+        yield
+        return
+    E = model.embedding_matrix()
+    model.embedding_matrix = lambda: E  # instance attribute shadows the method until removed
+    try:
+        yield
+    finally:
+        del model.embedding_matrix
+
+def pll_scores(model, candidates, batch_size=256, device=None, precision="auto", progress=False):
+    """PLL of each candidate (ids without specials, spans as from tokenize()) -> list of floats.
+    Each scored token becomes one copy of [CLS] ids [SEP]; copies are sorted by length so batches
+    carry little padding, and labels mark only the masked position, so the model computes the
+    output head there alone. Example: ([7, 8], [1, 1]) -> log p(7|[CLS] M 8 [SEP]) + log p(8|[CLS] 7 M [SEP])"""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    seq = np.array([s for s, (_, spans) in enumerate(candidates) for k in spans if k], dtype=np.int64)
+    pos = np.array([i + 1 for _, spans in candidates for i, k in enumerate(spans) if k], dtype=np.int64)
+    span = np.array([k for _, spans in candidates for k in spans if k], dtype=np.int64)
+    length = np.array([len(ids) + 2 for ids, _ in candidates], dtype=np.int64)
+    max_len = getattr(getattr(model, "config", None), "max_len", None)
+    if max_len and (length > max_len).any():  # RoPE runs at any length, but the model never trained on it
+        print(f"note: {(length > max_len).sum()} candidates are longer than the model's max_len {max_len} "
+              f"(the longest has {length.max()} tokens); scored anyway", file=sys.stderr)
+    order = np.lexsort((pos, seq, length[seq]))  # by length, then sentence, then position
+    scores = np.zeros(len(candidates))
+    was_training = model.training
+    model.eval()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, precision) else nullcontext()
+    bar = tqdm(total=len(order), unit="copy", disable=not progress, desc="PLL")
+    try:
+        # no_grad, not inference_mode: what the model caches while scoring (its RoPE tables) must stay
+        # usable by training afterwards, and inference tensors are not
+        with torch.no_grad(), amp, frozen_embeddings(model):
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                uniq, inv = np.unique(seq[idx], return_inverse=True)  # the few sentences in this batch
+                T = int(length[uniq].max())
+                base = torch.full((len(uniq), T), PAD, dtype=torch.long)
+                for j, s in enumerate(uniq):
+                    base[j, :length[s]] = torch.tensor([CLS, *candidates[s][0], SEP])
+                x = base[torch.from_numpy(inv)]  # (B, T): one row per copy
+                ar, rows = torch.arange(T), torch.arange(len(idx))
+                p, k = torch.from_numpy(pos[idx]), torch.from_numpy(span[idx])
+                target = x[rows, p].clone()
+                x[(ar >= p[:, None]) & (ar < (p + k)[:, None])] = MASK
+                lens = torch.from_numpy(length[seq[idx]])
+                # most batches hold one length: no mask then keeps sdpa on its fastest kernel
+                attention_mask = (ar < lens[:, None]).long().to(device) if (lens < T).any() else None
+                labels = torch.full_like(x, -100)
+                labels[rows, p] = target
+                logits, _ = model(x.to(device), labels=labels.to(device), attention_mask=attention_mask)
+                # one label per row, so the (n_labelled, V) logits come back in row order
+                lp = logits.float().log_softmax(-1).gather(1, target.to(device)[:, None])[:, 0]
+                np.add.at(scores, seq[idx], lp.double().cpu().numpy())
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return scores.tolist()
+
+# -----------------------------------------------------------------------------
+# reading the task files
+
+def detect_format(record):
+    """Name of the format whose identifying fields a record has, else None.
+    Example: {"sentence_good": "A.", "sentence_bad": "B."} -> "minimal_pairs" """
+    for name, fields in FORMATS.items():
+        if isinstance(record, dict) and all(f in record for f in fields):
+            return name
+    return None
+
+def read_items(file, limit=None):
+    """One jsonl file -> (format, items), UnknownFormat if it is none of FORMATS. An item is (group keys,
+    [(prefix, completion), ...], extra), the first candidate the correct one (WUG: extra = human ratio).
+    Example: line {"sentence_good": "A.", "sentence_bad": "B.", "UID": "u", "field": "syntax"} ->
+    ("minimal_pairs", [({"uid": "u", "field": "syntax"}, [("", "A."), ("", "B.")], None)])"""
+    fmt, items = None, []
+    with open(file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if limit is not None and len(items) >= limit:
+                break
+            where = f"{file}, line {n}"
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{where}: not valid JSON ({e.msg})")
+            if fmt is None:
+                fmt = detect_format(r)
+                if fmt is None:
+                    fields = ", ".join(r) if isinstance(r, dict) else type(r).__name__
+                    raise UnknownFormat(f"{file}: unknown format (fields: {fields})")
+            if detect_format(r) != fmt:
+                raise EvalError(f"{where}: expected the fields {', '.join(FORMATS[fmt])} of a {fmt} file")
+            try:
+                items.append(make_item(fmt, r, Path(file).stem))
+            except (TypeError, ValueError, AttributeError) as e:
+                raise EvalError(f"{where}: malformed {fmt} record ({e})")
+    if fmt is None:
+        raise UnknownFormat(f"{file}: holds no records")
+    return fmt, items
+
+def text(v):
+    """v itself if it is a string, else TypeError (a number or null where a sentence belongs)."""
+    if not isinstance(v, str):
+        raise TypeError(f"{v!r} is not a string")
+    return v
+
+def make_item(fmt, r, stem):
+    """A record of a known format -> (group keys, candidates, extra); raises ValueError/TypeError if malformed."""
+    if fmt == "minimal_pairs":
+        field = r.get("field", "supplement")  # BLiMP supplement files have neither field nor UID
+        keys = {"uid": str(r.get("UID") or stem), "field": "syntax/semantics" if field == "syntax_semantics" else field}
+        return keys, [("", text(r["sentence_good"])), ("", text(r["sentence_bad"]))], None
+    if fmt == "wug":
+        pair = text(r["sentences"]).split("\t")
+        if len(pair) != 2:
+            raise ValueError("'sentences' must hold two tab-separated sentences")
+        ratio = float(r["ratio"])
+        if not math.isfinite(ratio):
+            raise ValueError("'ratio' must be a finite number")
+        return {"uid": stem}, [("", pair[0]), ("", pair[1])], ratio
+    if fmt == "entity_tracking":
+        options = r["options"]
+        if not isinstance(options, list) or len(options) < 2:
+            raise ValueError("'options' must be a list of at least two strings")
+        keys = {"uid": f"{stem}_{r.get('numops', 0)}_ops", "file": stem}
+        return keys, [(text(r["input_prefix"]), text(o)) for o in options], None
+    context = text(r["Context1"])  # ewok: the target follows the context after a space; only it is scored
+    return {"uid": str(r.get("Domain") or stem)}, [(context, " " + text(r["Target1"])), (context, " " + text(r["Target2"]))], None
+
+def task_files(path):
+    """A .jsonl file or a directory -> sorted list of its .jsonl files.
+    Example: "blimp/" holding b.jsonl, a.jsonl, notes.txt -> [blimp/a.jsonl, blimp/b.jsonl]"""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise EvalError(f"directory {path} holds no .jsonl files")
+        return files
+    if not path.is_file():
+        raise EvalError(f"{path} does not exist")
+    return [path]
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def group_mean(values, keys):
+    """Mean of values per key, in first-seen order. Example: ([1, 0, 1], ["a", "a", "b"]) -> {"a": 0.5, "b": 1.0}"""
+    acc = defaultdict(list)
+    for v, k in zip(values, keys):
+        acc[k].append(v)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+def rankdata(x):
+    """Ranks 1..n, ties sharing their average rank. Example: [10, 30, 20, 20] -> [1, 4, 2.5, 2.5]"""
+    x = np.asarray(x, dtype=np.float64)
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inv, weights=ranks) / counts)[inv]
+
+def spearman(x, y):
+    """Spearman's rho: Pearson correlation of the tie-aware ranks; nan if either side is constant.
+    Example: ([1, 2, 3, 4], [1, 3, 2, 4]) -> 0.8"""
+    rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
+    denom = math.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+def task_result(fmt, items, scores):
+    """Figures for one task from its items and their candidates' PLLs (all on a 0-100 scale).
+    Example (minimal pairs): UIDs u (2 pairs, 1 right) and v (1 pair, right) -> score 75.0 (macro over UIDs)"""
+    keys = [it[0] for it in items]
+    uids = [k["uid"] for k in keys]
+    n = Counter(uids)
+    res = {"format": fmt, "items": len(items)}
+    if fmt == "wug":  # softmax over the two sentences' PLLs = sigmoid of their difference; rho per file
+        p_first = [1 / (1 + math.exp(min(s[1] - s[0], 700))) for s in scores]
+        res["metric"] = "spearman"
+        res["by_uid"] = {u: {"items": n[u], "score": 100 * spearman([p for p, v in zip(p_first, uids) if v == u],
+                                                                     [it[2] for it, v in zip(items, uids) if v == u])}
+                         for u in n}
+        res["score"] = float(np.mean([v["score"] for v in res["by_uid"].values()]))
+        return res
+    correct = [float(s[0] > max(s[1:])) for s in scores]  # strict: a tie is not a correct choice
+    by_uid = {u: 100 * a for u, a in group_mean(correct, uids).items()}
+    res["metric"] = "accuracy"
+    res["by_uid"] = {u: {"items": n[u], "score": a} for u, a in by_uid.items()}
+    if fmt == "entity_tracking":  # numops groups averaged per file, then the files averaged
+        file_of = {k["uid"]: k["file"] for k in keys}
+        res["by_file"] = group_mean(by_uid.values(), [file_of[u] for u in by_uid])
+        res["score"] = sum(res["by_file"].values()) / len(res["by_file"])
+    else:
+        res["score"] = sum(by_uid.values()) / len(by_uid)
+    if fmt == "minimal_pairs":  # the paper reports e.g. "morphology": the macro over that field's UIDs
+        field_of = {k["uid"]: k["field"] for k in keys}
+        res["by_field"] = group_mean(by_uid.values(), [field_of[u] for u in by_uid])
+    return res
+
+# -----------------------------------------------------------------------------
+# evaluation of whole paths (library entry points)
+
+def evaluate_paths(model, tokenizer, paths, batch_size=256, device=None, pll="standard", precision="auto",
+                   limit=None, formats=None, progress=True):
+    """Score every task under paths -> results dict. One task per (path, format); the PLLs of all
+    tasks are computed in one pass, so batches stay full. limit = items per file (quick looks);
+    formats = the formats to score (others skipped). Example:
+    evaluate_paths(model, tok, ["blimp_fast"]) -> {"pll": "standard", "precision": "bf16",
+        "tasks": {"blimp_fast": {"format": "minimal_pairs", "items": 13400, "score": 55.1, "by_uid": {...},
+        "by_field": {...}}}, "overall": 55.1, "skipped": [], "candidates": 26794, "copies": 269682, "seconds": 90.0}"""
+    if pll not in PLL_VARIANTS:
+        raise EvalError(f"pll must be one of {', '.join(PLL_VARIANTS)}, not {pll!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    t0 = time.time()
+    tasks, skipped = {}, []
+    for path in paths:
+        by_format = defaultdict(list)
+        for file in task_files(path):
+            try:
+                fmt, items = read_items(file, limit)
+            except UnknownFormat as e:
+                skipped.append(str(e))
+                if progress:
+                    print(f"skipped {e}", file=sys.stderr)
+                continue
+            if formats is not None and fmt not in formats:
+                skipped.append(f"{file}: {fmt} not requested")
+                continue
+            by_format[fmt] += items
+        for fmt, items in by_format.items():
+            name = Path(path).stem + (f"/{fmt}" if len(by_format) > 1 else "")
+            while name in tasks:  # two paths with the same name
+                name += "'"
+            tasks[name] = (fmt, items)
+    # tokenize each distinct candidate once (minimal pairs share sentences across files)
+    index, candidates = {}, []
+    for fmt, items in tasks.values():
+        for _, cands, _ in items:
+            for c in cands:
+                if c not in index:
+                    index[c] = len(candidates)
+                    candidates.append(tokenize(tokenizer, *c, pll=pll))
+    scores = pll_scores(model, candidates, batch_size, device, precision, progress)
+    results = {}
+    for name, (fmt, items) in tasks.items():
+        item_scores = [[scores[index[c]] for c in cands] for _, cands, _ in items]
+        results[name] = task_result(fmt, items, item_scores)
+    finite = [r["score"] for r in results.values() if math.isfinite(r["score"])]  # a constant WUG rho is nan
+    overall = sum(finite) / len(finite) if finite else float("nan")
+    return {"pll": pll, "precision": "bf16" if use_bf16(device, precision) else "fp32", "tasks": results,
+            "overall": overall, "skipped": skipped, "candidates": len(candidates),
+            "copies": sum(1 for _, spans in candidates for k in spans if k), "seconds": round(time.time() - t0, 2)}
+
+def blimp_accuracy(model, tokenizer, path, batch_size=256, device=None, pll="standard", precision="auto",
+                   limit=None, progress=False):
+    """Macro accuracy (%) over the UIDs of the minimal-pair files under path (for train.py's checkpoints).
+    Example: blimp_accuracy(model, tok, "../shared/data/blimp_fast") -> 55.07 (an untrained N-hot tiny model)"""
+    res = evaluate_paths(model, tokenizer, [path], batch_size, device, pll, precision, limit,
+                         formats=("minimal_pairs",), progress=progress)
+    uids = [u["score"] for t in res["tasks"].values() for u in t["by_uid"].values()]
+    if not uids:
+        raise EvalError(f"{path} holds no minimal-pair files")
+    return sum(uids) / len(uids)
+
+# -----------------------------------------------------------------------------
+# command line
+
+def format_table(res):
+    """The results as a plain-text table: task, format, items, score (and the fields of minimal pairs)."""
+    lines = [f"{'task':<32} {'format':<16} {'items':>7} {'score':>7}"]
+    for name, t in res["tasks"].items():
+        lines.append(f"{name:<32} {t['format']:<16} {t['items']:>7} {t['score']:>7.2f}  {t['metric']}")
+        for field, score in t.get("by_field", {}).items():
+            lines.append(f"  {field:<30} {'':<16} {'':>7} {score:>7.2f}")
+    lines.append(f"{'overall (mean of tasks)':<32} {'':<16} {'':>7} {res['overall']:>7.2f}")
+    lines.append(f"PLL {res['pll']} ({res['precision']}), {res['copies']:,} masked copies in {res['seconds']:.1f} s")
+    return "\n".join(lines)
+
+def json_safe(obj):
+    """nan -> None, recursively, so the JSON file is standard (Spearman of a constant is nan)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+def resolve_device(name):
+    """"auto" -> cuda if there is a GPU else cpu; other names checked. Example: "cpu" -> device(type='cpu')"""
+    try:
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    except RuntimeError:
+        raise EvalError(f"unknown device {name!r} (use auto, cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"device {name} asked for, but no CUDA GPU is available")
+    return device
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Zero-shot BabyLM-style evaluation of an amlm checkpoint by PLL.")
+    ap.add_argument("checkpoint", help="a train.py checkpoint (.pt)")
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="a .jsonl file or a directory of them")
+    ap.add_argument("--out", help="write the results here as JSON")
+    ap.add_argument("--batch-size", type=int, default=256, help="masked copies per forward pass")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    ap.add_argument("--pll", default="standard", choices=PLL_VARIANTS, help="word-l2r: Kauf & Ivanova 2023")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on AMX CPUs and CUDA")
+    ap.add_argument("--limit", type=int, help="score only the first N items of each file (quick looks)")
+    ap.add_argument("--threads", type=int, help="CPU threads (1 can beat 2 when other jobs share the cores)")
+    args = ap.parse_args(argv)
+    try:
+        if args.batch_size < 1 or any(v is not None and v < 1 for v in (args.limit, args.threads)):
+            raise EvalError("--batch-size, --limit and --threads must be positive")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = resolve_device(args.device)
+        model, tokenizer, ckpt = load_checkpoint(args.checkpoint, device)
+        res = evaluate_paths(model, tokenizer, args.paths, args.batch_size, device, args.pll, args.precision, args.limit)
+    except (EvalError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    res = {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "limit": args.limit, **res}
+    print(format_table(res))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(json_safe(res), indent=1) + "\n")
+
+if __name__ == "__main__":
+    main()

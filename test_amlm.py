@@ -1,0 +1,1128 @@
+"""
+Tests for amlm: offline, fast, tiny shapes, the built-in synthetic corpus; never ../shared, never the network.
+Run: python -m pytest -q test_amlm.py   (speed targets live in the README and benchmarks, not here)
+"""
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall badly when cores are shared
+import json, math, random, signal, subprocess, sys, time, urllib.error, zipfile
+from collections import Counter
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate
+
+import train
+from amlm import AMLM, mask_rate
+from data import CLS, SEP, MASK, FIRST_BYTE, FIRST_CHAR, DataError, Tokenizer, Batches
+from model import MaskedLM, ModelConfig
+
+# -----------------------------------------------------------------------------
+# data.py: corpus, tokenizer, sub-token table, cache, packing
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    return Tokenizer.train(data.synthetic_text(2000), 600)
+
+
+def _normalised(s):  # the documented normalisation of decode(encode(s))
+    return " ".join(s.replace("▁", " ").split())
+
+
+def _write_text(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _corpus_lines(n, seed=0):
+    rng = random.Random(seed)
+    words = "the dog cat walked jumped happiness kindness reality a big small house".split()
+    return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) + "." for _ in range(n)) + "\n"
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_pre_tokenize_marks_word_starts():
+    assert data.pre_tokenize("I walked, (walked) 42x") == ["▁I", "▁walked", ",", "▁(", "walked", ")", "▁42", "x"]
+    assert data.pre_tokenize("didn't  stop...\n\tnow") == ["▁didn't", "▁stop", "...", "▁now"]
+    assert data.pre_tokenize("") == [] and data.pre_tokenize(" \n ") == []
+
+
+@pytest.mark.parametrize("s", [
+    "", "a", "x", "Z", " ", "é", "🦊", "日本語のテキスト", "naïve café — “quoted” 🦊🦊!", "a\u2028b\u3000c\xa0d\x1ce",
+    "tab\tand\nnewline  runs  ", "literal ▁ marker", "\0\x99 ctrl", "don't 'quote' 3.14 a_b __init__"])
+def test_roundtrip(bpe_tok, s):
+    assert bpe_tok.decode(bpe_tok.encode(s)) == _normalised(s)
+
+
+def test_roundtrip_long_line_and_fuzz(bpe_tok):
+    long = ("The happiness of the farmer 🦊 walked, " * 400).strip()
+    assert len(long) > 10_000 and bpe_tok.decode(bpe_tok.encode(long)) == long
+    rng = random.Random(1)
+    alphabet = "ab cdeé🦊.,'’_ \t\n\u2028\u00a0▁1日-"
+    for _ in range(300):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert bpe_tok.decode(bpe_tok.encode(s)) == _normalised(s), repr(s)
+
+
+def test_unknown_characters_fall_back_to_bytes(bpe_tok):
+    ids = bpe_tok.encode("🦊")
+    assert ids[1:] == [FIRST_BYTE + b for b in "🦊".encode()] and bpe_tok.tokens[ids[0]] == "▁"
+    assert data.UNK not in ids
+    assert "\ufffd" in bpe_tok.decode(bpe_tok.encode("\ud800"))  # a lone surrogate: replaced, no crash
+    assert bpe_tok.decode([FIRST_BYTE + 0xFF]) == "\ufffd"    # invalid UTF-8 bytes decode with replacement
+
+
+def test_known_answer_merges():
+    t = Tokenizer.train({"abab": 3, "ab": 1}, 266)
+    assert t.alphabet == ["▁", "a", "b"] and t.vocab_size == 266
+    assert t.merges == [(262, 263), (264, 264)] and t.tokens[-2:] == ["ab", "abab"]
+    assert t.encode("abab ab") == [261, 265, 261, 264]  # "▁abab" -> ▁ + abab
+    # ties break on the smallest ids (here: alphabet order by count, then character), not on dict order
+    assert Tokenizer.train({"cd": 2, "ab": 2}, 268).tokens[-2:] == ["ab", "cd"]
+    assert Tokenizer.train({"ab": 2, "cd": 2}, 268).tokens[-2:] == ["ab", "cd"]
+
+
+def test_merge_handles_overlaps():
+    assert data._merge([1, 1, 1], (1, 1), 9) == [9, 1]
+    t = Tokenizer.train({"aaaa": 5}, FIRST_CHAR + 2 + 2)  # alphabet ▁ a, then aa, aaaa
+    assert t.tokens[-2:] == ["aa", "aaaa"]
+
+
+def test_training_is_deterministic_and_order_free():
+    text = data.synthetic_text(500, seed=3)
+    counts = Counter(data.pre_tokenize(text))
+    a, b = Tokenizer.train(text, 500), Tokenizer.train(dict(reversed(list(counts.items()))), 500)
+    assert a.to_json() == b.to_json() and a.vocab_size == 500
+
+
+def test_training_cache_equals_fresh_encoding(bpe_tok):
+    fresh = Tokenizer.from_json(bpe_tok.to_json())  # empty cache: pure merge-rank encoding
+    text = data.synthetic_text(300, seed=7) + " Zebra 🦊 unseenword"
+    assert fresh.encode(text) == bpe_tok.encode(text)
+
+
+def test_encode_words_groups_encode(bpe_tok):
+    s = "The happiness of the dogs walked, (quickly) 🦊!"
+    words = bpe_tok.encode_words(s)
+    assert len(words) == len(data.pre_tokenize(s)) and sum(words, []) == bpe_tok.encode(s)
+    assert [bpe_tok.decode(w) for w in words][:2] == ["The", "happiness"]
+
+
+def test_save_load_roundtrip(bpe_tok, tmp_path):
+    bpe_tok.save(tmp_path / "bpe_tok.json")
+    t2 = Tokenizer.load(tmp_path / "bpe_tok.json")
+    assert t2.tokens == bpe_tok.tokens and t2.vocab_size == bpe_tok.vocab_size
+    s = "The kindness of a baby 🦊."
+    assert t2.encode(s) == bpe_tok.encode(s)
+    assert json.loads((tmp_path / "bpe_tok.json").read_text())["version"] == data.TOKENIZER_VERSION
+
+
+@pytest.mark.parametrize("bad", ["", "{", "[]", '{"format": "amlm-bpe"}', "not json at all"])
+def test_corrupted_tokenizer_json(bpe_tok, tmp_path, bad):
+    (tmp_path / "t.json").write_text(bad)
+    with pytest.raises(DataError, match="corrupted tokenizer JSON"):
+        Tokenizer.load(tmp_path / "t.json")
+
+
+def test_tampered_tokenizer_json(bpe_tok):
+    d = json.loads(bpe_tok.to_json())
+    d["merges"][0] = [10**6, 1]
+    with pytest.raises(DataError):
+        Tokenizer.from_json(json.dumps(d))
+    d = json.loads(bpe_tok.to_json())
+    d["version"] = 99
+    with pytest.raises(DataError):
+        Tokenizer.from_json(json.dumps(d))
+
+
+def test_rare_characters_use_bytes():
+    t = Tokenizer.train("ab ab ab ab ab ab q", 270)  # "q" seen once: not in the alphabet
+    assert "q" not in t.alphabet and "a" in t.alphabet
+    assert t.encode("q") == [FIRST_CHAR, FIRST_BYTE + ord("q")] and t.decode(t.encode("q ab")) == "q ab"
+
+
+def test_vocab_smaller_than_alphabet():
+    with pytest.raises(DataError, match="vocab size 100 is smaller"):
+        Tokenizer.train("some text with letters " * 3, 100)
+
+
+# ----------------------------------------------------------------------------- sub-token table
+
+def test_subtoken_units_worked_example():
+    assert data.subtoken_units("▁walked") == ["<", "w", "a", "l", "k", "e", "d", "<w", "wa", "al", "lk", "ke", "ed",
+                                              "d>", "<wa", "wal", "alk", "lke", "ked", "ed>"]
+    assert data.subtoken_units("ness") == ["n", "e", "s", "ne", "es", "ss", "s>", "nes", "ess", "ss>"]
+    assert "ed>" not in data.subtoken_units("▁edge")  # inner "ed" differs from suffix "ed>"
+
+
+def test_subtoken_table(bpe_tok):
+    table, units = bpe_tok.subtoken_table()
+    assert table.dtype == torch.long and table.shape[0] == bpe_tok.vocab_size
+    assert table[:FIRST_CHAR].eq(-1).all()                  # specials and bytes: no units
+    assert table.max() < len(units) and table.min() >= -1
+    width = (table >= 0).sum(1)
+    assert table.shape[1] == width.max()
+    for row, w in zip(table, width):                        # padding only at the end of each row
+        assert row[:w].ge(0).all() and row[w:].eq(-1).all()
+    df = Counter(table[table >= 0].tolist())
+    assert min(df.values()) >= 2 and len(df) == len(units)  # every unit is shared by >= 2 entries
+    counts = [df[i] for i in range(len(units))]
+    assert counts == sorted(counts, reverse=True)           # most frequent first
+    i = bpe_tok.tokens.index("▁walked")
+    names = [units[u] for u in table[i].tolist() if u >= 0]
+    assert set(names) <= set(data.subtoken_units("▁walked")) and {"<", "w", "ed>", "d>"} <= set(names)
+    assert "▁walked" not in units
+
+
+def test_subtoken_table_cap(bpe_tok):
+    table, units = bpe_tok.subtoken_table(max_units=10)
+    assert len(units) == 10 and table.max() == 9
+    t1, u1 = bpe_tok.subtoken_table(n=1)
+    assert all(len(u) == 1 for u in u1)
+
+
+# ----------------------------------------------------------------------------- corpus
+
+def test_find_files_dir(tmp_path):
+    for name in ["b.txt", "a/c.train", "a/skip.md", ".hidden.txt", "__MACOSX/a/._c.train"]:
+        _write_text(tmp_path / name, "x\n")
+    assert [p.relative_to(tmp_path).as_posix() for p in data.find_files(tmp_path)] == ["a/c.train", "b.txt"]
+
+
+def test_prepare_path_file_and_cache(tmp_path):
+    f = _write_text(tmp_path / "corpus.txt", _corpus_lines(400))
+    before = sorted(os.listdir(tmp_path))
+    d = data.prepare(str(f), tmp_path / "d", 400, quiet=True)
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["d"])  # nothing written next to the corpus
+    assert d.train.dtype == np.uint16 and isinstance(d.train, np.memmap)
+    assert d.train[0] == CLS and d.train[-1] == SEP
+    assert (d.train == CLS).sum() == (d.train == SEP).sum() == d.info["lines"] == 400 - 3
+    assert d.info["val_lines"] == 3  # lines 0, 150, 300
+    assert d.tokenizer.decode(d.val[: list(d.val).index(SEP)]) == _corpus_lines(400).splitlines()[0]
+    assert d.n_train_tokens == len(d.train) and d.n_train_words == sum(
+        len(line.split()) for k, line in enumerate(_corpus_lines(400).splitlines()) if k % 150)
+    assert d.nhot_table.shape[0] == d.tokenizer.vocab_size and d.cache_dir.parent == tmp_path / "d" / "cache"
+    d2 = data.prepare(str(f), tmp_path / "d", 400, quiet=True)
+    assert d2.info["cache_hit"] and not d.info["cache_hit"] and d2.key == d.key
+    assert np.array_equal(d.train, d2.train) and d2.tokenizer.tokens == d.tokenizer.tokens
+    assert data.prepare(str(f), tmp_path / "d", 420, quiet=True).key != d.key  # tokenizer settings in the key
+    os.utime(f, ns=(1, 1))
+    assert data.prepare(str(f), tmp_path / "d", 400, quiet=True).key != d.key  # file mtime in the key
+
+
+def test_prepare_path_dir_reads_all_files(tmp_path):
+    _write_text(tmp_path / "c" / "a.train", _corpus_lines(200, 1))
+    _write_text(tmp_path / "c" / "sub" / "b.txt", "Zebra zebras zebra.\n" * 50)
+    _write_text(tmp_path / "c" / "README.md", "ignored Qqqq\n" * 50)
+    d = data.prepare(str(tmp_path / "c"), tmp_path / "d", 400, quiet=True)
+    text = d.tokenizer.decode(d.train)
+    assert "Zebra zebras zebra." in text and "Qqqq" not in text and len(d.info["files"]) == 2
+
+
+def test_half_written_cache_is_not_trusted(tmp_path):
+    f = _write_text(tmp_path / "c.txt", _corpus_lines(300))
+    key = data.cache_key([f], 400)
+    broken = _write_text(tmp_path / "d" / "cache" / key / "train.npy", "garbage")  # no meta.json: incomplete
+    _write_text(tmp_path / "d" / "cache" / f"{key}.tmp999" / "train.npy", "garbage")
+    d = data.prepare(str(f), tmp_path / "d", 400, quiet=True)
+    assert d.key == key and not d.info["cache_hit"] and broken.stat().st_size > 100 and d.train[0] == CLS
+
+
+def test_corrupted_cached_tokenizer(tmp_path):
+    f = _write_text(tmp_path / "c.txt", _corpus_lines(300))
+    d = data.prepare(str(f), tmp_path / "d", 400, quiet=True)
+    (d.cache_dir / "tokenizer.json").write_text('{"format": "amlm-bpe", "merges": [[1')
+    with pytest.raises(DataError, match="corrupted tokenizer JSON"):
+        data.prepare(str(f), tmp_path / "d", 400, quiet=True)
+
+
+def test_non_utf8_bytes(tmp_path):
+    f = tmp_path / "bad.train"
+    f.write_bytes(b"caf\xe9 ok\n" + b"\xff\xfe hello there\n" * 20 + b"plain line\n" * 20)
+    d = data.prepare(str(f), tmp_path / "d", 400, quiet=True)
+    assert "\ufffd" in d.tokenizer.decode(d.train) and "hello there" in d.tokenizer.decode(d.train)
+
+
+@pytest.mark.parametrize("corpus", ["no/such/file.txt", "babylm_1B", "synthetik"])
+def test_missing_path_or_unknown_name(tmp_path, corpus):
+    with pytest.raises(DataError, match="unknown corpus.*babylm_10M, babylm_100M, synthetic"):
+        data.prepare(corpus, tmp_path / "d", 400, quiet=True)
+
+
+def test_empty_corpus(tmp_path):
+    _write_text(tmp_path / "empty.txt", "  \n\n\t\n")
+    with pytest.raises(DataError, match="holds no text"):
+        data.prepare(str(tmp_path / "empty.txt"), tmp_path / "d", 400, quiet=True)
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(DataError, match="no \\*.train or \\*.txt"):
+        data.prepare(str(tmp_path / "emptydir"), tmp_path / "d", 400, quiet=True)
+
+
+def test_unwritable_data_dir(tmp_path):
+    _write_text(tmp_path / "c.txt", _corpus_lines(50))
+    _write_text(tmp_path / "afile", "x")
+    with pytest.raises(DataError, match="not writable"):
+        data.prepare(str(tmp_path / "c.txt"), tmp_path / "afile" / "data", 400, quiet=True)
+
+
+def test_synthetic_corpus(tmp_path):
+    text = data.synthetic_text()
+    assert text == data.synthetic_text() and 200_000 < len(text.split()) < 500_000
+    words = set(text.replace(".", " ").replace("?", " ").split())
+    assert {"walked", "chased", "happiness", "kindness", "reality", "activity", "babies", "happily"} <= words
+    d = data.prepare("synthetic", tmp_path / "d", 500, quiet=True)
+    assert (tmp_path / "d" / "synthetic" / "synthetic.train").exists() and d.info["words"] > 200_000
+    assert 1.0 <= d.info["tokens_per_word"] < 2
+
+
+def _make_zip(path, members):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in members.items():
+            z.writestr(name, text)
+    return path
+
+
+@pytest.mark.parametrize("evil", ["../evil.train", "ok/../../evil.train", "/abs/evil.train"])
+def test_safe_extract_refuses_escaping_members(tmp_path, evil):
+    z = _make_zip(tmp_path / "x.zip", {"train/a.train": "hi\n", evil: "pwned\n"})
+    with pytest.raises(DataError, match="escapes"):
+        data.safe_extract(z, tmp_path / "out" / "target")
+    assert not (tmp_path / "evil.train").exists() and not (tmp_path / "out" / "evil.train").exists()
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []  # no partial folder
+
+
+def test_safe_extract_bad_zip(tmp_path):
+    _write_text(tmp_path / "x.zip", "not a zip")
+    with pytest.raises(DataError, match="not a valid zip"):
+        data.safe_extract(tmp_path / "x.zip", tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_download_babylm_from_local_zip(tmp_path, monkeypatch, capsys):
+    z = _make_zip(tmp_path / "train_10M.zip", {"train_10M/childes.train": _corpus_lines(300),
+                                              "__MACOSX/train_10M/._childes.train": "\x00junk"})
+    monkeypatch.setitem(data.DOWNLOADS, "babylm_10M", (z.as_uri(), "0" * 32))
+    d = data.prepare("babylm_10M", tmp_path / "d", 400, quiet=True)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "expected " + "0" * 32 in err
+    assert [p.name for p in data.find_files(tmp_path / "d" / "babylm_10M")] == ["childes.train"]
+    assert not (tmp_path / "d" / "babylm_10M.zip").exists() and not (tmp_path / "d" / "babylm_10M.zip.part").exists()
+    assert d.info["lines"] == 298
+    # second call: found on disk, no download (a failing opener would raise)
+    monkeypatch.setitem(data.DOWNLOADS, "babylm_10M", ("file:///nonexistent/x.zip", None))
+    assert data.prepare("babylm_10M", tmp_path / "d", 400, quiet=True).info["cache_hit"]
+
+
+def test_download_md5_match_is_quiet(tmp_path, capsys):
+    z = _make_zip(tmp_path / "a.zip", {"a.train": "x\n"})
+    import hashlib
+    data.download(z.as_uri(), tmp_path / "b.zip", hashlib.md5(z.read_bytes()).hexdigest(), quiet=True)
+    assert (tmp_path / "b.zip").read_bytes() == z.read_bytes() and "WARNING" not in capsys.readouterr().err
+
+
+def test_offline_download_gives_one_clear_sentence(tmp_path):
+    def offline(url):
+        raise urllib.error.URLError("no network")
+    with pytest.raises(DataError, match="put the BabyLM \\*.train files into") as e:
+        data.resolve_corpus("babylm_10M", tmp_path / "d", quiet=True, opener=offline)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "d" / "babylm_10M").exists() and not list((tmp_path / "d").glob("*.part"))
+
+
+def test_interrupted_download_leaves_nothing(tmp_path):
+    class Broken:  # a response that dies mid-transfer
+        headers = {"Content-Length": "100"}
+        def __init__(self):
+            self.n = 0
+        def __enter__(self):
+            return self
+        def __exit__(self, *a):
+            return False
+        def read(self, size):
+            self.n += 1
+            if self.n > 1:
+                raise ConnectionResetError("connection reset")
+            return b"PK" * 10
+    with pytest.raises(DataError, match="connection reset"):
+        data.resolve_corpus("babylm_10M", tmp_path / "d", quiet=True, opener=lambda url: Broken())
+    assert sorted(os.listdir(tmp_path / "d")) == []
+
+
+def test_babylm_100m_missing_says_where(tmp_path):
+    with pytest.raises(DataError, match="osf.io"):
+        data.resolve_corpus("babylm_100M", tmp_path / "d", quiet=True)
+
+
+# ----------------------------------------------------------------------------- packing
+
+def test_batches_shapes_contiguous_rows_and_epoch_coverage():
+    toks = np.arange(4096 + 100)  # 16 blocks of 256, a 100-token tail is dropped
+    b = Batches(toks, block_size=256, seed=0)
+    seen = []
+    for _ in range(4):
+        x = b.next(1024, 64)
+        assert x.shape == (16, 64) and x.dtype == torch.long
+        for row in x:  # each row is a contiguous slice starting on a seq_len boundary
+            assert row[0] % 64 == 0 and torch.equal(row, torch.arange(row[0], row[0] + 64))
+        seen.append(x.flatten())
+    assert b.epoch == 1 and b.pos == 0
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(4096))  # nothing lost or duplicated
+    nxt = b.next(1024, 64)
+    assert not torch.equal(nxt, seen[0])  # a new permutation each epoch
+
+
+def test_batches_seq_len_change_keeps_order():
+    toks = np.arange(256 * 12)
+    a, b = Batches(toks, 256, seed=5), Batches(toks, 256, seed=5)
+    xa = torch.cat([a.next(512, 64).flatten(), a.next(512, 256).flatten()])
+    xb = torch.cat([b.next(512, 256).flatten(), b.next(512, 256).flatten()])
+    assert torch.equal(xa, xb)
+    assert not torch.equal(Batches(toks, 256, seed=6).next(512, 256), Batches(toks, 256, seed=5).next(512, 256))
+
+
+def test_batches_state_restore_exact():
+    toks = np.arange(256 * 10, dtype=np.uint16)
+    b = Batches(toks, 256, seed=1)
+    for _ in range(7):  # crosses an epoch boundary mid-batch (3 blocks per batch, 10 per epoch)
+        b.next(768, 128)
+    state = json.loads(json.dumps(b.state_dict()))  # plain ints only
+    expect = [b.next(768, 128) for _ in range(3)]
+    c = Batches(toks, 256, seed=99)
+    c.load_state_dict(state)
+    assert all(torch.equal(e, c.next(768, 128)) for e in expect)
+    with pytest.raises(DataError):
+        Batches(np.arange(256 * 11), 256).load_state_dict(state)
+
+
+def test_batches_bad_input():
+    with pytest.raises(DataError, match="fewer than one block"):
+        Batches(np.arange(100), 256)
+    b = Batches(np.arange(256 * 4), 256)
+    for bt, sl in [(512, 100), (300, 64), (128, 64), (512, 0)]:
+        with pytest.raises(DataError):
+            b.next(bt, sl)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_summary_and_errors(tmp_path, capsys):
+    f = _write_text(tmp_path / "c.txt", _corpus_lines(300))
+    assert data.main(["--corpus", str(f), "--data-dir", str(tmp_path / "d"), "--vocab-size", "400", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert all(w in out for w in ["1 files", "words", "tokens/word", "vocab", "sub-token units", "cache"])
+    for args in [["--corpus", str(tmp_path / "missing.txt")], ["--corpus", str(f), "--vocab-size", "10"]]:
+        assert data.main(args + ["--data-dir", str(tmp_path / "d"), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("data.py: error: ") and err.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# model.py: the encoder and its N-hot embedding; train.py: the loop, checkpoints, resume
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# model
+
+def tiny_model(nhot=True, V=300, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    table = None
+    if nhot:
+        table = torch.randint(0, 50, (V, 6), generator=torch.Generator().manual_seed(1))
+        table[:, 4:] = -1
+        table[:5] = -1  # specials have no units
+    cfg = ModelConfig(vocab_size=V, n_layer=2, n_head=2, d_model=32, d_ff=64, max_len=64, dropout=dropout)
+    return MaskedLM(cfg, nhot_table=table)
+
+def masked_batch(V=300, B=4, T=16, p=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(5, V, (B, T), generator=g)
+    sel = torch.rand(B, T, generator=g) < p
+    sel[:, 0] = True  # at least one target per row
+    return torch.where(sel, 4, x), torch.where(sel, x, -100)
+
+def test_shapes_both_modes():
+    m = tiny_model()
+    inp, lab = masked_batch()
+    logits, loss = m(inp, labels=lab)
+    assert logits.shape == (int((lab != -100).sum()), 300) and loss.dim() == 0
+    logits, loss = m(inp)
+    assert logits.shape == (4, 16, 300) and loss is None
+
+def test_initial_loss_is_uniform_guess():
+    for nhot in (False, True):
+        _, loss = tiny_model(nhot=nhot)(*masked_batch())
+        assert abs(loss.item() - math.log(300)) < 0.1 * math.log(300)
+
+def test_tied_weights_share_storage_and_nhot_changes_matrix():
+    plain = tiny_model(nhot=False)
+    assert plain.embedding_matrix().data_ptr() == plain.tok.weight.data_ptr()
+    assert not any(p.shape == (300, 32) for n, p in plain.named_parameters() if n != "tok.weight")  # no 2nd output matrix
+    m = tiny_model(nhot=True)
+    E = m.embedding_matrix()
+    assert not torch.allclose(E, m.tok.weight)
+    assert torch.equal(E[:5], m.tok.weight[:5])  # specials have no units
+    # token 7's composed row is its own vector plus its units' vectors / sqrt(k)
+    units = m.nhot_ids[7][m.nhot_w[7] > 0]
+    expect = m.tok.weight[7] + m.sub.weight[units].sum(0) / math.sqrt(len(units))
+    assert torch.allclose(E[7], expect, atol=1e-6)
+
+def test_padding_does_not_leak():
+    m = tiny_model().eval()
+    x, _ = masked_batch()
+    mask = torch.ones_like(x)
+    mask[:, 12:] = 0
+    y = x.clone()
+    y[:, 12:] = torch.randint(5, 300, (4, 4))  # change only padded tokens
+    a, _ = m(x, attention_mask=mask)
+    b, _ = m(y, attention_mask=mask)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-5)
+    c, _ = m(y)  # without the mask the change does leak: the check above can fail
+    assert not torch.allclose(a[:, :12], c[:, :12], atol=1e-5)
+
+def test_masked_logits_equal_full_rows():
+    m = tiny_model().eval()
+    inp, lab = masked_batch()
+    part, _ = m(inp, labels=lab)
+    full, _ = m(inp)
+    assert torch.allclose(part, full[lab != -100], atol=1e-5)
+
+def test_bf16_agrees_with_fp32():
+    m = tiny_model().eval()
+    inp, lab = masked_batch()
+    a, _ = m(inp, labels=lab)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b, _ = m(inp, labels=lab)
+    assert (a - b.float()).abs().max() < 0.05 * a.abs().max() + 0.05
+
+def test_overfits_one_batch():
+    m = tiny_model(dropout=0.0)
+    inp, lab = masked_batch(B=2, T=12)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(200):
+        _, loss = m(inp, labels=lab)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.05
+
+# -----------------------------------------------------------------------------
+# train.py
+
+def test_lr_schedule_endpoints():
+    assert train.lr_at(0, 100, 1e-3, 10) == pytest.approx(1e-4)  # warmup is non-zero at step 0
+    assert train.lr_at(9, 100, 1e-3, 10) == pytest.approx(1e-3)
+    assert train.lr_at(99, 100, 1e-3, 10) == pytest.approx(1e-4)
+    assert train.seq_len_at(0, 10, [64, 256]) == 64 and train.seq_len_at(5, 10, [64, 256]) == 256
+    assert train.milestones_words()[:11] == [m * 10**6 for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20)]
+
+SMALL = ["--corpus", "synthetic", "--size", "tiny", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--d-ff", "64",
+         "--vocab-size", "400", "--batch-tokens", "512", "--seq-len", "16,32", "--amlm-update-every", "5", "--eval-every", "0",
+         "--eval-tokens", "2048", "--dtype", "fp32"]
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+def run(args, data_dir, out):
+    train.main(SMALL + ["--data-dir", data_dir, "--out", str(out)] + args)
+    return torch.load(os.path.join(out, "latest.pt"), weights_only=True)
+
+def test_resume_is_bit_identical(data_dir, tmp_path):
+    straight = run(["--max-steps", "24"], data_dir, tmp_path / "a")
+    run(["--max-steps", "24", "--stop-after", "12"], data_dir, tmp_path / "b")
+    half = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)
+    assert half["step"] == 12
+    train.main(["--resume", str(tmp_path / "b"), "--data-dir", data_dir])
+    resumed = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)
+    assert resumed["step"] == 24
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    assert torch.equal(straight["amlm"]["weights"], resumed["amlm"]["weights"])
+
+def test_loss_goes_down_and_files_appear(data_dir, tmp_path):
+    run(["--max-steps", "60", "--lr", "3e-3"], data_dir, tmp_path)
+    s = json.load(open(tmp_path / "summary.json"))
+    assert s["steps"] == 60 and s["tokens_per_second"] > 0
+    log = open(tmp_path / "log.txt").read()
+    first = float(log.split("step 10/60: loss ")[1].split(",")[0])
+    assert s["train_loss"] < first - 0.3
+    rows = open(tmp_path / "amlm.csv").read().splitlines()
+    assert len(rows) == 1 + 60 // 5
+
+def test_milestone_checkpoints(data_dir, tmp_path):
+    # the synthetic corpus has ~0.4 words per token at this vocabulary: 1 M words after ~150 steps of 16k tokens
+    run(["--max-steps", "200", "--batch-tokens", "16384", "--seq-len", "32"], data_dir, tmp_path)
+    s = json.load(open(tmp_path / "summary.json"))
+    assert s["words_seen"] >= 10**6
+    ck = torch.load(tmp_path / "ckpt_1M.pt", weights_only=True)
+    assert 10**6 <= ck["words_seen"] < 10**6 + 16384
+    assert not (tmp_path / f"ckpt_{s['words_seen'] // 10**6 + 1}M.pt").exists()
+    model, tok, _ = evaluate.load_checkpoint(str(tmp_path / "ckpt_1M.pt"))
+    assert model.config.vocab_size == tok.vocab_size
+
+def test_bad_checkpoints_are_refused(data_dir, tmp_path, capsys):
+    (tmp_path / "latest.pt").write_bytes(b"truncated")
+    with pytest.raises(SystemExit, match="cannot resume"):
+        train.main(["--resume", str(tmp_path), "--data-dir", data_dir])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "latest.pt")
+    with pytest.raises(SystemExit, match="cannot resume"):
+        train.main(["--resume", str(tmp_path), "--data-dir", data_dir])
+    ck = run(["--max-steps", "2"], data_dir, tmp_path / "a")  # a real run, then a different shape
+    ck["config"]["d_model"] = 64
+    torch.save(ck, tmp_path / "a" / "latest.pt")
+    with pytest.raises(SystemExit, match="another model shape or tokenizer"):
+        train.main(["--resume", str(tmp_path / "a"), "--data-dir", data_dir])
+    with pytest.raises(evaluate.EvalError):
+        evaluate.load_checkpoint(str(tmp_path / "latest.pt"))
+
+@pytest.mark.parametrize("flags,msg", [(["--mask-rate", "1.5"], "strictly between 0 and 1"),
+                                       (["--max-steps", "-3"], "non-negative"),
+                                       (["--seq-len", "64,100"], "must divide"),
+                                       (["--seq-len", "abc"], "positive integers")])
+def test_bad_flags_are_rejected(flags, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--corpus", "synthetic"] + flags)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+def test_ctrl_c_saves_latest(data_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(HERE, "train.py")] + SMALL + ["--data-dir", data_dir, "--out", str(tmp_path),
+                                                                    "--max-steps", "100000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (tmp_path / "log.txt").exists():
+        time.sleep(0.2)
+    while time.time() < deadline and "step 10/" not in (tmp_path / "log.txt").read_text():
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, out
+    assert "Traceback" not in out
+    ck = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert ck["step"] >= 10
+
+
+# -----------------------------------------------------------------------------
+# amlm.py: budgets, update formulas, sampling proportions, resume
+
+PAD, CLS, SEP, MASK = 0, 1, 2, 4
+SPECIALS = [PAD, CLS, SEP, MASK]
+
+
+def make(V=50, **kw):
+    return AMLM(V, special_ids=[PAD, CLS, SEP], mask_id=MASK, **kw)
+
+
+def batch(V, B=8, T=32, seed=0, pad_from=None):
+    """Random normal tokens framed by [CLS] ... [SEP]; rows padded from column pad_from[i] on if given."""
+    g = torch.Generator().manual_seed(seed)
+    normal = torch.tensor([i for i in range(V) if i not in SPECIALS])
+    x = normal[torch.randint(len(normal), (B, T), generator=g)]
+    x[:, 0], x[:, -1] = CLS, SEP
+    if pad_from is not None:
+        for i, n in enumerate(pad_from):
+            x[i, n:] = PAD
+    return x
+
+
+def n_maskable(x):
+    return (~torch.isin(x, torch.tensor(SPECIALS))).sum(1)
+
+
+# -----------------------------------------------------------------------------
+# probabilities
+
+@pytest.mark.parametrize("rate", [0.15, 0.4, 0.9])
+def test_probabilities_budget_cap_and_specials(rate):
+    V = 40
+    am = make(V)
+    am.weights = torch.where(am.maskable, torch.rand(V, generator=torch.Generator().manual_seed(1)) + 0.01, 0.0)
+    am.weights[7] = 500.0  # a rare heavy type: its uncapped share would exceed 1
+    x = batch(V, pad_from=[32, 20, 10, 3, 2, 32, 32, 32])
+    x[0, 5] = 7
+    pi = am.probabilities(x, rate)
+    assert torch.allclose(pi.sum(1), rate * n_maskable(x).float(), atol=1e-4)
+    assert pi.max() <= 1.0 and pi.min() >= 0.0
+    assert pi[0, 5] == 1.0  # the cap was actually needed and applied
+    assert (pi[torch.isin(x, torch.tensor(SPECIALS))] == 0).all()
+
+
+def test_probabilities_worked_example():
+    am = make(8, rate=0.5)
+    am.weights[5], am.weights[6] = 1.0, 0.1
+    pi = am.probabilities(torch.tensor([[CLS, 5, 6, 6, SEP]]))
+    assert torch.allclose(pi, torch.tensor([[0, 1, 0.25, 0.25, 0]]))
+
+
+def test_probabilities_proportional_to_weight_when_uncapped():
+    am = make(10, rate=0.2)
+    am.weights[5], am.weights[6] = 0.3, 0.1
+    pi = am.probabilities(torch.tensor([[CLS, 5, 6, 6, 6, SEP]]))
+    assert torch.allclose(pi[0, 1:5], torch.tensor([0.8 * 3 / 6, 0.8 / 6, 0.8 / 6, 0.8 / 6]))
+
+
+# -----------------------------------------------------------------------------
+# mask
+
+def test_empirical_rate_and_marginals_match():
+    V, rate = 30, 0.25
+    am = make(V, rate=rate)
+    am.weights = torch.where(am.maskable, torch.linspace(0.01, 2, V), 0.0)
+    x = batch(V, B=16, T=32, pad_from=[32] * 8 + [12] * 8)
+    g = torch.Generator().manual_seed(0)
+    hits = sum((am.mask(x, generator=g)[1] != -100).float() for _ in range(1500)) / 1500
+    assert abs(hits.sum() / n_maskable(x).sum() - rate) < 0.005
+    assert (hits - am.probabilities(x)).abs().max() < 0.06  # per position, ~4 standard errors
+
+
+def test_specials_never_selected_and_never_drawn():
+    V = 20
+    am = make(V, rate=0.9)
+    x = batch(V, B=16, T=16, pad_from=[8] * 16)
+    g = torch.Generator().manual_seed(0)
+    special = torch.isin(x, torch.tensor(SPECIALS))
+    for _ in range(50):
+        inputs, labels = am.mask(x, generator=g)
+        assert (labels[special] == -100).all() and (inputs[special] == x[special]).all()
+        changed = labels != -100
+        assert not torch.isin(inputs[changed], torch.tensor([PAD, CLS, SEP])).any()
+
+
+def test_80_10_10_split():
+    V = 2000  # large, so a random replacement almost never equals the original
+    am = make(V, rate=0.5)
+    x = batch(V, B=32, T=64)
+    g = torch.Generator().manual_seed(0)
+    n = masked = rand = kept = 0
+    for _ in range(20):
+        inputs, labels = am.mask(x, generator=g)
+        sel = labels != -100
+        assert (labels[sel] == x[sel]).all()
+        n += sel.sum()
+        masked += (inputs[sel] == MASK).sum()
+        kept += (inputs[sel] == x[sel]).sum()
+        rand += ((inputs[sel] != MASK) & (inputs[sel] != x[sel])).sum()
+    assert abs(masked / n - 0.8) < 0.01 and abs(rand / n - 0.1) < 0.01 and abs(kept / n - 0.1) < 0.01
+
+
+def test_exact_count_per_row():
+    V = 30
+    am = make(V, rate=0.3, exact_count=True)
+    am.weights = torch.where(am.maskable, torch.linspace(0.01, 3, V), 0.0)
+    x = batch(V, B=8, T=32, pad_from=[32, 31, 16, 9, 4, 3, 2, 25])  # row 2: L=15, 4.5 -> 5
+    g = torch.Generator().manual_seed(0)
+    want = torch.tensor([math.floor(0.3 * L + 0.5) for L in n_maskable(x).tolist()])
+    for _ in range(20):
+        inputs, labels = am.mask(x, generator=g)
+        assert ((labels != -100).sum(1) == want).all()
+        assert (labels[torch.isin(x, torch.tensor(SPECIALS))] == -100).all()
+
+
+def test_same_generator_seed_same_masks():
+    am = make(30)
+    x = batch(30)
+    a = am.mask(x, generator=torch.Generator().manual_seed(3))
+    b = am.mask(x, generator=torch.Generator().manual_seed(3))
+    c = am.mask(x, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+
+
+# -----------------------------------------------------------------------------
+# scores and update
+
+def test_update_worked_example():
+    # V=4: specials 0 and 1 ([MASK]); types 2 (A, always right) and 3 (B, always wrong), 9 times each
+    am = AMLM(4, special_ids=[0], mask_id=1, rate=0.15, ema=0.2, update_every=1)
+    am.correct[2], am.total[2], am.total[3] = 9, 9, 9
+    am.step()
+    assert torch.allclose(am.weights, torch.tensor([0, 0, 0.06, 0.24]))
+    assert am.total.sum() == 0 and am.correct.sum() == 0 and am.updates == 1
+
+
+def test_update_clamp_then_renormalise():
+    am = AMLM(4, special_ids=[0], mask_id=1, rate=0.15, ema=0.0, min_weight=0.01, update_every=1)
+    am.correct[2], am.total[2], am.total[3] = 9, 9, 9  # q = 0.0075 (below the floor) and 0.1425
+    am.update()
+    a, b = 0.01, 0.1425
+    assert torch.allclose(am.weights[2:], torch.tensor([a, b]) * 0.15 / ((a + b) / 2))
+
+
+def test_hard_scores_on_handmade_stats():
+    am = make(10)
+    am.correct[5], am.total[5] = 3, 4
+    am.correct[6], am.total[6] = 0, 9
+    s = am.scores()
+    assert s[5].item() == pytest.approx(0.7) and s[6].item() == pytest.approx(0.05) and s[7].item() == 0.5
+
+
+def test_soft_scores_on_handmade_stats():
+    V = 8  # normal types 3, 5, 6, 7; with the ln V pseudo-observation added at scoring time
+    am = make(V, metric="soft")
+    am.ce_sum[5], am.ce_count[5] = 0.3, 3   # easy
+    am.ce_sum[6], am.ce_count[6] = 30.0, 2  # very hard
+    means = {t: (am.ce_sum[t].item() + math.log(V)) / (am.ce_count[t].item() + 1) for t in (3, 5, 6, 7)}
+    lo, hi = min(means.values()), max(means.values())
+    s = am.scores()
+    for t, m in means.items():
+        assert s[t].item() == pytest.approx(1 - (m - lo) / (hi - lo), abs=1e-6)
+    assert s[5] == 1 and s[6] == 0 and 0 < s[3] < 1  # unseen types sit in between, near the hard end
+
+
+def logits_for(labels, right):
+    """(n_labelled, V) logits predicting the label where `right(label)` is true, else another token."""
+    y = labels[labels != -100]
+    pred = torch.where(right(y), y, (y + 1) % 20 + 5 * ((y + 1) % 20 < 5))
+    return 10 * torch.nn.functional.one_hot(pred, 20).float()
+
+
+@pytest.mark.parametrize("metric", ["hard", "soft"])
+def test_always_right_type_ends_below_never_right(metric):
+    am = make(20, rate=0.3, metric=metric, update_every=1)
+    x = batch(20, B=4, T=16)
+    x[:, 1:8], x[:, 8:15] = 6, 9
+    inputs, labels = am.mask(x, generator=torch.Generator().manual_seed(0))
+    am.observe(labels, logits_for(labels, lambda y: y == 6), inputs)
+    am.step()
+    assert am.weights[6] < am.rate < am.weights[9]
+
+
+def test_soft_counts_only_mask_positions_with_inputs():
+    am = make(20, metric="soft")
+    labels = torch.tensor([[-100, 6, 7, 8]])
+    inputs = torch.tensor([[CLS, MASK, 7, 12]])  # 7 kept, 8 replaced: not counted
+    am.observe(labels, torch.zeros(3, 20), inputs)
+    assert am.ce_count.tolist() == [0] * 6 + [1] + [0] * 13
+    assert am.ce_sum[6].item() == pytest.approx(math.log(20))
+    am.observe(labels, torch.zeros(1, 4, 20))  # no inputs, full (B, T, V) logits: every labelled position
+    assert am.ce_count[6:9].tolist() == [2, 1, 1]
+
+
+def test_observe_hard_counts_docstring_example():
+    am = make(20)
+    logits = torch.zeros(2, 20)
+    logits[0, 7], logits[1, 3] = 5.0, 5.0  # right on the 7, wrong on the 9
+    am.observe(torch.tensor([[-100, 7, -100, 9]]), logits)
+    assert am.total[7] == am.correct[7] == am.total[9] == 1 and am.correct[9] == 0 and am.total.sum() == 2
+    am.observe(torch.full((2, 3), -100), torch.zeros(0, 20))  # nothing selected: no-op, no error
+    assert am.total.sum() == 2
+
+
+def test_observe_rejects_mismatched_logits():
+    am = make(20)
+    with pytest.raises(ValueError):
+        am.observe(torch.tensor([[-100, 6, 7]]), torch.zeros(3, 20))
+
+
+def test_mean_weight_stays_base_rate_and_decay_keeps_budget():
+    V = 60
+    am = make(V, rate=0.4, update_every=2, metric="hard")
+    g = torch.Generator().manual_seed(0)
+    for step in range(20):
+        x = batch(V, seed=step)
+        rate = mask_rate(step, 20, 0.4, 0.15)
+        inputs, labels = am.mask(x, rate=rate, generator=g)
+        assert torch.allclose(am.probabilities(x, rate).sum(1), rate * n_maskable(x).float(), atol=1e-4)
+        am.observe(labels, torch.randn(int((labels != -100).sum()), V, generator=g), inputs)
+        am.step()
+        assert am.weights[am.maskable].mean().item() == pytest.approx(0.4, rel=1e-5)
+        assert (am.weights[~am.maskable] == 0).all() and am.weights[am.maskable].min() >= am.min_weight * 0.999
+    assert am.updates == 10 and am.weights[am.maskable].std() > 0
+
+
+def test_uniform_never_changes_weights():
+    V = 30
+    am = make(V, metric="uniform", update_every=1)
+    before = am.weights.clone()
+    g = torch.Generator().manual_seed(0)
+    for step in range(5):
+        inputs, labels = am.mask(batch(V, seed=step), generator=g)
+        am.observe(labels, torch.randn(int((labels != -100).sum()), V, generator=g), inputs)
+        am.step()
+    assert torch.equal(am.weights, before) and am.updates == 5
+
+
+# -----------------------------------------------------------------------------
+# resume, schedule, diagnostics, validation
+
+@pytest.mark.parametrize("metric", ["hard", "soft"])
+def test_state_dict_round_trip_gives_identical_future(metric):
+    V = 30
+
+    def train(am, steps, g):
+        out = []
+        for step in range(steps):
+            inputs, labels = am.mask(batch(V, seed=step), generator=g)
+            am.observe(labels, torch.randn(int((labels != -100).sum()), V, generator=g), inputs)
+            am.step()
+            out.append(labels)
+        return out
+
+    a = make(V, metric=metric, update_every=3)
+    train(a, 4, torch.Generator().manual_seed(0))  # mid-window: statistics are non-empty
+    b = make(V, metric=metric, update_every=3)
+    b.load_state_dict(a.state_dict())
+    la, lb = train(a, 5, torch.Generator().manual_seed(9)), train(b, 5, torch.Generator().manual_seed(9))
+    assert all(torch.equal(p, q) for p, q in zip(la, lb))
+    assert torch.equal(a.weights, b.weights) and a.steps == b.steps == 9 and a.updates == b.updates == 3
+    with pytest.raises(ValueError):
+        make(V, metric="uniform").load_state_dict(a.state_dict())
+
+
+def test_mask_rate():
+    assert mask_rate(0, 100, 0.4, 0.15) == pytest.approx(0.4)
+    assert mask_rate(50, 100, 0.4, 0.15) == pytest.approx(0.275)
+    assert mask_rate(100, 100, 0.4, 0.15) == pytest.approx(0.15)
+    assert mask_rate(500, 100, 0.4, 0.15) == pytest.approx(0.15)
+    assert mask_rate(37, 100, 0.15, 0.15) == 0.15
+
+
+def test_diagnostics_flat_row():
+    V = 40
+    freq = torch.arange(V, 0, -1).float()  # id 0 most frequent ... the normal types rank 5, 3, 6, 7, ...
+    am = make(V, frequencies=freq, update_every=1)
+    am.weights[3], am.weights[39] = 0.9, 0.001
+    tokens = [f"t{i}" for i in range(V)]
+    d = am.diagnostics(tokens)
+    assert all(isinstance(v, (int, float, str)) for v in d.values())
+    assert d["hardest"].split("|")[0] == "t3" and d["easiest"].split("|")[0] == "t39"
+    assert d["w_rank_1_10"] == pytest.approx(am.weights[[3] + list(range(5, 14))].mean().item())
+    assert math.isnan(d["w_rank_101_1k"]) and d["update"] == 0
+    assert "hardest t3" in am.summary(tokens)
+
+
+def test_all_reduce_is_noop_single_process():
+    am = make(20)
+    am.total[6] = 3
+    am.all_reduce()
+    assert am.total[6] == 3 and am.total.sum() == 3
+
+
+@pytest.mark.parametrize("kw", [dict(rate=0.0), dict(rate=1.0), dict(metric="easy"), dict(min_weight=0.0),
+                                dict(min_weight=0.5), dict(ema=1.5), dict(update_every=0), dict(frequencies=[1, 2])])
+def test_bad_arguments_raise(kw):
+    with pytest.raises(ValueError):
+        make(20, **kw)
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py: PLL scoring and the task formats
+
+TEXT = ["the cat sat on the mat .", "a dog ran to the park and sat down .", "the girls were walking home .",
+        "she has seen the boxes .", "box one contains the apple and the key ."] * 3
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(TEXT, 330)
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, d_ff=64, max_len=64, dropout=0.0)
+    return MaskedLM(cfg, nhot_table=tok.subtoken_table()[0]).eval()  # N-hot on: exercises frozen_embeddings
+
+def naive_pll(model, tok, prefix, completion, word_l2r=False):
+    """Reference: one copy at a time, full (1, T, V) logits, word spans from encode_words directly."""
+    words = tok.encode_words(prefix + completion)
+    ids = [t for w in words for t in w]
+    start = len(tok.encode(prefix)) if prefix else 0
+    x = torch.tensor([1] + ids + [2])
+    total, i = 0.0, 0
+    for w in words:
+        for j in range(len(w)):
+            if i >= start:
+                y = x.clone()
+                y[i + 1:i + 1 + (len(w) - j if word_l2r else 1)] = MASK
+                with torch.no_grad():
+                    logits, _ = model(y[None])
+                total += logits[0, i + 1].log_softmax(-1)[x[i + 1]].item()
+            i += 1
+    return total
+
+CANDS = [("", "the cat sat on the mat ."), ("", "unbelievable zebras quickly wandered ."), ("", "a"),
+         ("box one contains the", " apple"), ("box one contains the", " zucchinis and the key"),
+         ("the girls were walking home .", " she has seen the boxes .")]
+
+# -----------------------------------------------------------------------------
+# PLL
+
+@pytest.mark.parametrize("pll", ["standard", "word-l2r"])
+def test_batched_pll_matches_naive_loop(model, tok, pll):
+    cands = [evaluate.tokenize(tok, p, c, pll) for p, c in CANDS]
+    if pll == "word-l2r":
+        assert any(k > 1 for _, spans in cands for k in spans)  # some word really has several sub-tokens
+    got = evaluate.pll_scores(model, cands, batch_size=7, precision="fp32")  # batches straddle sentences and lengths
+    want = [naive_pll(model, tok, p, c, pll == "word-l2r") for p, c in CANDS]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert len(set(round(g, 3) for g in got)) == len(got)
+
+def test_word_l2r_differs_from_standard(model, tok):
+    ids, spans = evaluate.tokenize(tok, "", "unbelievable zebras", "word-l2r")
+    a = evaluate.pll_scores(model, [(ids, spans)], precision="fp32")[0]
+    b = evaluate.pll_scores(model, [(ids, [1] * len(ids))], precision="fp32")[0]
+    assert a != pytest.approx(b, abs=1e-3)
+
+def test_tokenize_scores_only_the_completion(tok):
+    ids, spans = evaluate.tokenize(tok, "box one contains the", " apple")
+    assert ids == tok.encode("box one contains the apple")
+    n = len(tok.encode("box one contains the"))
+    assert spans == [0] * n + [1] * (len(ids) - n)
+    ids, spans = evaluate.tokenize(tok, "box one contains the", " zucchinis", "word-l2r")
+    assert spans[:n] == [0] * n and spans[n:] == list(range(len(ids) - n, 0, -1))  # one word, masked l2r
+
+def test_bf16_close_and_model_left_trainable(model, tok):
+    cands = [evaluate.tokenize(tok, p, c) for p, c in CANDS[:3]]
+    fp32 = evaluate.pll_scores(model, cands, precision="fp32")
+    assert evaluate.pll_scores(model, cands, precision="bf16") == pytest.approx(fp32, rel=0.05)
+    fresh = MaskedLM(ModelConfig(**{**asdict(model.config), "nhot": False})).train()  # empty RoPE cache
+    evaluate.pll_scores(fresh, cands, precision="fp32")
+    assert fresh.training and "embedding_matrix" not in vars(fresh)  # mode and method restored
+    _, loss = fresh(torch.randint(5, tok.vocab_size, (2, 8)), labels=torch.randint(5, tok.vocab_size, (2, 8)))
+    loss.backward()  # the RoPE tables cached while scoring must not be inference tensors
+
+def test_longer_than_max_len_is_scored_with_a_note(model, capsys):
+    assert math.isfinite(evaluate.pll_scores(model, [([7] * 70, [1] * 70), ([7], [1])])[0])
+    assert "1 candidates are longer than the model's max_len 64" in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def test_rankdata_and_spearman():
+    assert evaluate.rankdata([10, 30, 20, 20]).tolist() == [1, 4, 2.5, 2.5]
+    assert evaluate.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    # ties: ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4] -> 4.5 / sqrt(4.5 * 5)
+    assert evaluate.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert evaluate.spearman([5, 4, 3], [0.1, 0.2, 0.3]) == pytest.approx(-1.0)
+    assert math.isnan(evaluate.spearman([1, 1, 1], [1, 2, 3]))
+
+def test_minimal_pair_macro_average():
+    items = [({"uid": "u", "field": "syntax"}, [None, None], None)] * 2 + [({"uid": "v", "field": "morphology"}, [None, None], None),
+             ({"uid": "w", "field": "morphology"}, [None, None], None)]
+    scores = [[-1, -2], [-3, -2], [-1, -5], [-2, -2]]  # u: 1 of 2, v: right, w: a tie counts as wrong
+    res = evaluate.task_result("minimal_pairs", items, scores)
+    assert res["score"] == pytest.approx((50 + 100 + 0) / 3)  # macro over UIDs, not 2/4 over pairs
+    assert res["by_uid"] == {"u": {"items": 2, "score": 50.0}, "v": {"items": 1, "score": 100.0}, "w": {"items": 1, "score": 0.0}}
+    assert res["by_field"] == {"syntax": 50.0, "morphology": 50.0}
+
+def test_entity_tracking_and_ewok_grouping():
+    k = lambda f, n: {"uid": f"{f}_{n}_ops", "file": f}
+    items = [(k("a", 0), [0, 0, 0], None), (k("a", 0), [0, 0, 0], None), (k("a", 1), [0, 0, 0], None), (k("b", 0), [0, 0, 0], None)]
+    scores = [[-1, -2, -3], [-2, -1, -3], [-1, -2, -3], [-4, -2, -3]]
+    res = evaluate.task_result("entity_tracking", items, scores)
+    assert res["by_file"] == {"a": 75.0, "b": 0.0} and res["score"] == 37.5  # (50 + 100) / 2 for a, then files
+    items = [({"uid": "physics"}, [0, 0], None)] * 3 + [({"uid": "social"}, [0, 0], None)]
+    res = evaluate.task_result("ewok", items, [[-1, -2], [-1, -2], [-2, -1], [-1, -2]])
+    assert res["score"] == pytest.approx((200 / 3 + 100) / 2)
+
+def test_wug_softmax_spearman():
+    items = [({"uid": "wug"}, [0, 0], r) for r in (0.9, 0.5, 0.1, 0.5)]
+    res = evaluate.task_result("wug", items, [[0.0, -2.0], [-1.0, -1.0], [-3.0, 0.0], [-1.0, -1.5]])
+    p = [1 / (1 + math.exp(d)) for d in (-2.0, 0.0, 3.0, -0.5)]  # softmax share of the first sentence
+    assert res["score"] == pytest.approx(100 * evaluate.spearman(p, [0.9, 0.5, 0.1, 0.5]))
+    assert res["metric"] == "spearman" and res["items"] == 4
+
+# -----------------------------------------------------------------------------
+# files, formats, the library entry points and the CLI
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+@pytest.fixture
+def task_dir(tmp_path):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    write_jsonl(d / "agreement.jsonl", [
+        {"sentence_good": "the cat sat on the mat .", "sentence_bad": "the cat sat on the mats the .", "UID": "agr", "field": "morphology"},
+        {"sentence_good": "the girls were walking home .", "sentence_bad": "the girls was walking home .", "UID": "agr", "field": "morphology"},
+        {"sentence_good": "she has seen the boxes .", "sentence_bad": "she has see the boxes .", "UID": "irr", "field": "syntax_semantics"}])
+    write_jsonl(d / "supplement.jsonl", [{"sentence_good": "a dog ran .", "sentence_bad": "a dog ran ran ."}])
+    write_jsonl(d / "notes.jsonl", [{"question": "why?", "answer": "because"}])
+    (d / "readme.txt").write_text("not a task")
+    other = tmp_path / "other"
+    other.mkdir()
+    write_jsonl(other / "wug_adj.jsonl", [{"sentences": f"the {a}ness was home .\tthe {a}ity was home .", "ratio": r}
+                                          for a, r in (("cat", 0.8), ("sat", 0.3), ("mat", 0.6))])
+    write_jsonl(other / "regular.jsonl", [{"input_prefix": "box one contains the", "options": [" apple", " key", " dog"], "numops": n}
+                                          for n in (0, 0, 1)])
+    write_jsonl(other / "ewok.jsonl", [{"Context1": "the cat sat on the mat .", "Context2": "x", "Target1": "the cat sat .",
+                                        "Target2": "the mat sat .", "Domain": "physical"}])
+    return d, other
+
+def test_evaluate_paths_all_formats(model, tok, task_dir):
+    d, other = task_dir
+    res = evaluate.evaluate_paths(model, tok, [d, other], batch_size=16, precision="fp32", progress=False)
+    assert list(res["tasks"]) == ["tasks", "other/ewok", "other/entity_tracking", "other/wug"]  # files sorted
+    bl = res["tasks"]["tasks"]
+    assert bl["format"] == "minimal_pairs" and bl["items"] == 4
+    assert set(bl["by_uid"]) == {"agr", "irr", "supplement"}  # no UID -> the file name
+    assert set(bl["by_field"]) == {"morphology", "syntax/semantics", "supplement"}
+    assert res["skipped"] == [f"{d / 'notes.jsonl'}: unknown format (fields: question, answer)"]
+    assert res["tasks"]["other/entity_tracking"]["by_uid"].keys() == {"regular_0_ops", "regular_1_ops"}
+    assert res["pll"] == "standard" and res["precision"] == "fp32"
+    # the minimal-pair verdicts follow the PLLs of the sentences
+    s = evaluate.pll_scores(model, [evaluate.tokenize(tok, "", t) for t in ("she has seen the boxes .", "she has see the boxes .")], precision="fp32")
+    assert bl["by_uid"]["irr"]["score"] == (100.0 if s[0] > s[1] else 0.0)
+    assert evaluate.blimp_accuracy(model, tok, d, precision="fp32") == pytest.approx(sum(u["score"] for u in bl["by_uid"].values()) / 3)
+    one = evaluate.evaluate_paths(model, tok, [d], limit=1, pll="word-l2r", progress=False)
+    assert one["tasks"]["tasks"]["items"] == 2 and one["pll"] == "word-l2r"
+
+@pytest.mark.parametrize("line, msg", [
+    ("{not json", "line 2: not valid JSON"),
+    ('{"sentence_good": "a dog ran ."}', "line 2: expected the fields sentence_good, sentence_bad"),
+    ('{"sentence_good": "a dog ran .", "sentence_bad": 7}', "line 2: malformed minimal_pairs record"),
+])
+def test_malformed_line_names_file_and_line(model, tok, tmp_path, line, msg):
+    f = write_jsonl(tmp_path / "bad.jsonl", [{"sentence_good": "a dog ran .", "sentence_bad": "a dog ran ran ."}, line])
+    with pytest.raises(evaluate.EvalError, match=msg) as e:
+        evaluate.evaluate_paths(model, tok, [f], progress=False)
+    assert "bad.jsonl" in str(e.value)
+
+def test_malformed_wug_and_missing_paths(model, tok, tmp_path):
+    f = write_jsonl(tmp_path / "wug.jsonl", [{"sentences": "only one sentence", "ratio": 0.5}])
+    with pytest.raises(evaluate.EvalError, match="wug.jsonl, line 1: malformed wug record"):
+        evaluate.evaluate_paths(model, tok, [f], progress=False)
+    with pytest.raises(evaluate.EvalError, match="does not exist"):
+        evaluate.evaluate_paths(model, tok, [tmp_path / "nope.jsonl"], progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(evaluate.EvalError, match="no .jsonl files"):
+        evaluate.evaluate_paths(model, tok, [tmp_path / "empty"], progress=False)
+    with pytest.raises(evaluate.EvalError, match="pll must be"):
+        evaluate.evaluate_paths(model, tok, [f], pll="l2r", progress=False)
+
+def test_cli_end_to_end(model, tok, task_dir, tmp_path, capsys):
+    ckpt = tmp_path / "latest.pt"
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), "tokenizer": tok.to_json(), "step": 3}, ckpt)
+    out = tmp_path / "results.json"
+    evaluate.main([str(ckpt), str(task_dir[0]), str(task_dir[1]), "--out", str(out), "--device", "cpu", "--precision", "fp32"])
+    printed = capsys.readouterr()
+    assert "tasks" in printed.out and "morphology" in printed.out and "PLL standard" in printed.out
+    assert "notes.jsonl: unknown format" in printed.err
+    res = json.loads(out.read_text())
+    direct = evaluate.evaluate_paths(model, tok, task_dir, precision="fp32", progress=False)
+    assert res["step"] == 3 and res["overall"] == pytest.approx(direct["overall"])
+    assert res["tasks"]["tasks"]["by_uid"] == direct["tasks"]["tasks"]["by_uid"]
+
+@pytest.mark.parametrize("content, msg", [(None, "does not exist"), (b"\x80\x02garbage", "cannot read checkpoint"),
+                                          ({"weights": 1}, "not an amlm checkpoint")])
+def test_cli_bad_checkpoint_one_line_error(tmp_path, capsys, content, msg):
+    ckpt = tmp_path / "x.pt"
+    if isinstance(content, bytes):
+        ckpt.write_bytes(content)
+    elif content is not None:
+        torch.save(content, ckpt)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(ckpt), str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and msg in err and len(err.strip().splitlines()) == 1
+
+def test_truncated_checkpoint(model, tok, tmp_path):
+    ckpt = tmp_path / "t.pt"
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), "tokenizer": tok.to_json()}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:2000])
+    with pytest.raises(evaluate.EvalError, match="truncated"):
+        evaluate.load_checkpoint(ckpt)
