@@ -60,7 +60,7 @@ def get_parser():
     a("--epochs", type=float, default=10, help="passes over the training split (strict-small: 10 x 10 M words)")
     a("--max-steps", type=positive(int), default=None, help="stop after this many optimizer steps (overrides --epochs)")
     a("--stop-after", type=positive(int), default=None, help="save latest.pt and stop after this many steps in this sitting (resume later)")
-    a("--batch-tokens", type=positive(int), default=16384, help="tokens per optimizer step")
+    a("--batch-tokens", type=positive(int), default=None, help="tokens per optimizer step (default: 16384; 4096 for synthetic)")
     a("--seq-len", default="64,256", help="sequence lengths, comma-separated, each used for an equal share of the steps")
     a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     a("--warmup", type=float, default=0.02, help="warmup steps (a value < 1 is a fraction of all steps)")
@@ -109,6 +109,8 @@ def save_atomic(obj, path):
 def resolve(args):
     """Turn flags into the run's configuration, rejecting impossible combinations argparse-style."""
     p = get_parser()
+    if args.batch_tokens is None:  # the synthetic corpus is for smoke tests: small steps finish in a minute
+        args.batch_tokens = 4096 if args.corpus == "synthetic" else 16384
     if args.mask_rate is not None:
         args.mask_rate_start = args.mask_rate_end = args.mask_rate
     try:
