@@ -157,8 +157,12 @@ class MaskedLM(nn.Module):
         """The composed (vocab, d_model) matrix E = E_tok + N . E_sub, built once per forward pass."""
         if not self.config.nhot:
             return self.tok.weight
-        # embedding_bag sums each token's unit vectors with the 1/sqrt(k) weights: (V, max_units) -> (V, C)
-        nsum = F.embedding_bag(self.nhot_ids, self.sub.weight, per_sample_weights=self.nhot_w, mode="sum")
+        # embedding_bag sums each token's unit vectors with the 1/sqrt(k) weights: (V, max_units) -> (V, C);
+        # flattened without the pads first, since an average token has far fewer units than the longest one
+        present = self.nhot_w > 0
+        offsets = F.pad(present.sum(1).cumsum(0)[:-1], (1, 0))  # where each token's units start
+        nsum = F.embedding_bag(self.nhot_ids[present], self.sub.weight, offsets,
+                               per_sample_weights=self.nhot_w[present], mode="sum")
         return self.tok.weight + nsum
 
     def rope(self, T, device):

@@ -194,7 +194,7 @@ def main(argv=None):
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices, not on norms or biases
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)  # fused: one kernel, not one per tensor
     specials = [data.PAD, data.CLS, data.SEP, data.UNK, data.MASK]
     freqs = torch.bincount(torch.from_numpy(d.train[: 50_000_000].astype("int64")), minlength=V)
     amlm = AMLM(V, specials, data.MASK, rate=args.mask_rate_start,
@@ -307,9 +307,10 @@ def main(argv=None):
         tokens_seen += args.batch_tokens
         # --- bookkeeping ---
         loss_v = loss.item()
-        y = labels[labels != -100]
-        acc = (logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)).float().mean().item()  # cheaper than argmax
-        ema_acc = acc if ema_acc is None else 0.9 * ema_acc + 0.1 * acc
+        if step % 10 == 1:  # masked-token accuracy for the display, sampled: a row-max over (n, V) is not free
+            y = labels[labels != -100]
+            acc = (logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)).float().mean().item()
+            ema_acc = acc if ema_acc is None else 0.7 * ema_acc + 0.3 * acc
         last["train_loss"] = loss_v
         dt = time.perf_counter() - t0
         if step - (resume["step"] if resume else 0) > 3:  # steady state: skip the first steps' warm-up
