@@ -307,7 +307,7 @@ def main(argv=None):
         tokens_seen += args.batch_tokens
         # --- bookkeeping ---
         loss_v = loss.item()
-        if step % 10 == 1:  # masked-token accuracy for the display, sampled: a row-max over (n, V) is not free
+        if step % 10 == 1 or ema_acc is None:  # masked-token accuracy for the display, sampled: a row-max over (n, V) is not free
             y = labels[labels != -100]
             acc = (logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)).float().mean().item()
             ema_acc = acc if ema_acc is None else 0.7 * ema_acc + 0.3 * acc
