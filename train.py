@@ -12,7 +12,7 @@ of the 10 M-word strict-small corpus, sequences of 64 then 256 tokens at 16,384 
 
 The run folder holds latest.pt, ckpt_<N>M.pt (N = million words seen), summary.json, log.txt, amlm.csv.
 """
-import argparse, csv, json, math, os, signal, sys, time
+import argparse, csv, json, math, os, resource, signal, sys, time
 from dataclasses import asdict
 
 import torch
@@ -204,7 +204,10 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(args.seed)  # all masking randomness
     step = 0
     out = args.out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.corpus))}-{args.size}-{args.masking}")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create the run folder {out} ({e.strerror})")
     if resume is not None:
         if resume["config"] != asdict(cfg) or resume["tokenizer"] != d.tokenizer.to_json():
             sys.exit(f"error: {args.resume} was trained with another model shape or tokenizer; refusing to resume")
@@ -249,7 +252,6 @@ def main(argv=None):
 
     def write_summary():
         tps = stats["timed_tokens"] / stats["train_seconds"] if stats["train_seconds"] > 0 else None
-        import resource
         summary = {"steps": step, "total_steps": total, "tokens_seen": tokens_seen,
                    "words_seen": int(tokens_seen * words_per_token), **last, "tokens_per_second": tps,
                    "wall_seconds": time.time() - stats["start"],
