@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from amlm import AMLM, mask_rate
+from amlm import AMLM, mask_rate, top1_hits
 from model import SIZES, MaskedLM, ModelConfig
 
 # -----------------------------------------------------------------------------
@@ -310,8 +310,7 @@ def main(argv=None):
         # --- bookkeeping ---
         loss_v = loss.item()
         if step % 10 == 1 or ema_acc is None:  # masked-token accuracy for the display, sampled: a row-max over (n, V) is not free
-            y = labels[labels != -100]
-            acc = (logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)).float().mean().item()
+            acc = top1_hits(logits, labels[labels != -100]).float().mean().item()
             ema_acc = acc if ema_acc is None else 0.7 * ema_acc + 0.3 * acc
         last["train_loss"] = loss_v
         dt = time.perf_counter() - t0
