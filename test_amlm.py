@@ -11,6 +11,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import evaluate
@@ -18,7 +19,7 @@ import evaluate
 import train
 from amlm import AMLM, mask_rate
 from data import CLS, SEP, MASK, FIRST_BYTE, FIRST_CHAR, DataError, Tokenizer, Batches
-from model import MaskedLM, ModelConfig
+from model import MaskedLM, ModelConfig, RotaryQKV, CrossEntropy, apply_rope, rope_tables, dropout, dropout_add, keep_mask
 
 # -----------------------------------------------------------------------------
 # data.py: corpus, tokenizer, sub-token table, cache, packing
@@ -511,6 +512,58 @@ def test_overfits_one_batch():
         opt.zero_grad()
     assert loss.item() < 0.05
 
+def test_rotary_qkv_matches_slice_rope_transpose():
+    # the fused function must be exactly the plain maths: split, rotate q and k, scale q, transpose
+    torch.manual_seed(0)
+    B, T, nh, hd = 2, 5, 3, 8
+    qkv = torch.randn(B, T, 3 * nh, hd, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.double() for t in rope_tables(T, hd, "cpu"))
+    x = qkv.transpose(1, 2)  # (B, 3nh, T, hd)
+    want = (apply_rope(x[:, :nh], cos, sin) * hd ** -0.5, apply_rope(x[:, nh:2 * nh], cos, sin), x[:, 2 * nh:])
+    got = RotaryQKV.apply(qkv, cos, sin, hd ** -0.5)
+    for g, w in zip(got, want):
+        assert g.is_contiguous() and torch.allclose(g, w, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: RotaryQKV.apply(t, cos, sin, hd ** -0.5), (qkv,))
+    # rotation keeps lengths: position t turns each channel pair by t * inv_freq
+    assert torch.allclose(got[1].norm(dim=-1), x[:, nh:2 * nh].norm(dim=-1))
+
+def test_cross_entropy_matches_library_and_ignores_minus_100():
+    torch.manual_seed(0)
+    y = torch.tensor([3, -100, 7, 0, -100, 4999])
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        z = (torch.randn(6, 5000) * 3).to(dtype).requires_grad_()
+        loss = CrossEntropy.apply(z, y)
+        grad, = torch.autograd.grad(loss, z)
+        zf = z.detach().to(torch.promote_types(dtype, torch.float32)).requires_grad_()  # the reference in fp32 or fp64
+        ref = F.cross_entropy(zf, y)
+        ref.backward()
+        assert grad.dtype == dtype and abs(loss.item() - ref.item()) < tol
+        assert torch.allclose(grad.to(zf.dtype), zf.grad, rtol=tol, atol=tol / 100)
+        assert (grad[1] == 0).all() and (grad[4] == 0).all()  # ignored rows get no gradient
+    z = torch.tensor([[0.0, math.log(3)]], requires_grad=True)  # the docstring's worked example
+    loss = CrossEntropy.apply(z, torch.tensor([1]))
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(4 / 3)) and torch.allclose(z.grad, torch.tensor([[0.25, -0.25]]))
+
+def test_dropout_mask_rate_scale_and_seed():
+    x = torch.ones(1000, 1000)
+    torch.manual_seed(1)
+    y = dropout(x, 0.1, True)
+    assert y.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
+    assert abs((y == 0).float().mean().item() - 0.1) < 0.002  # 1e6 draws: sd of the rate is 0.0003
+    assert abs((keep_mask(x, 0.5)).float().mean().item() - 0.5) < 0.002
+    assert keep_mask(x, 0.0).all()
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x, 0.1, True), y)  # the global RNG drives it, so checkpoints resume it
+    assert dropout(x, 0.1, False) is x
+    # the residual form: x + dropout(y), gradient through the same mask
+    a = torch.zeros(300, 300, requires_grad=True)
+    b = torch.ones(300, 300, requires_grad=True)
+    out = dropout_add(a, b, 0.25, True)
+    out.sum().backward()
+    assert torch.equal(b.grad, out.detach()) and (a.grad == 1).all()
+    assert abs((out == 0).float().mean().item() - 0.25) < 0.01
+
 # -----------------------------------------------------------------------------
 # train.py
 
@@ -584,7 +637,8 @@ def test_bad_checkpoints_are_refused(data_dir, tmp_path, capsys):
 @pytest.mark.parametrize("flags,msg", [(["--mask-rate", "1.5"], "strictly between 0 and 1"),
                                        (["--max-steps", "-3"], "non-negative"),
                                        (["--seq-len", "64,100"], "must divide"),
-                                       (["--seq-len", "abc"], "positive integers")])
+                                       (["--seq-len", "abc"], "positive integers"),
+                                       (["--dropout", "1"], "--dropout must lie in")])
 def test_bad_flags_are_rejected(flags, msg, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--corpus", "synthetic"] + flags)

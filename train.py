@@ -125,6 +125,8 @@ def resolve(args):
         args.vocab_size = 40000 if args.size == "paper" else 16384
     if not 0 <= args.amlm_ema < 1:
         p.error("--amlm-ema must lie in [0, 1)")
+    if not 0 <= args.dropout < 1:
+        p.error("--dropout must lie in [0, 1)")
     shape = dict(SIZES[args.size])
     for k in ("n_layer", "n_head", "d_model", "d_ff"):
         if getattr(args, k) is not None:
