@@ -435,7 +435,8 @@ def main(argv=None):
     except (EvalError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    res = {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "limit": args.limit, **res}
+    res = {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "words_seen": ckpt.get("words_seen"),
+           "limit": args.limit, **res}
     print(format_table(res))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
