@@ -106,22 +106,23 @@ class RotaryQKV(torch.autograd.Function):
         gx[:, 2 * nh:] = gv
         return grad, None, None, None
 
-def keep_mask(x, p):
-    """A random bool mask shaped like x, True with probability 1 - p: a cheaper stand-in on CPU for
-    bernoulli_, which costs ~5 ms per (32, 128, 256) tensor here (more than all the layer norms and
-    softmaxes of a step together). Each int64 draw gives four uniform 16-bit numbers, and an element
-    is dropped when its number is among the lowest p * 2^16 (p is rounded to a multiple of 1/65536).
-    Example: p=0.1 -> keep u >= 6554 - 32768, with probability 58982/65536 = 0.89999."""
+def dropout_mask(x, p):
+    """A random mask shaped like x, in x's dtype: 0 with probability p, else 1/(1-p) (what F.dropout
+    multiplies by). A cheaper stand-in on CPU for bernoulli_, which costs ~5 ms per (32, 128, 256)
+    tensor here (more than all the layer norms and softmaxes of a step together). Each int64 draw gives
+    four uniform 16-bit numbers, and an element is dropped when its number is among the lowest p * 2^16
+    (p is rounded to a multiple of 1/65536).
+    Example: p=0.1 -> keep u >= 6554 - 32768, with probability 58982/65536 = 0.89999, as 1/0.9 = 1.111."""
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # 64 uniform bits per draw
     u = bits.view(torch.int16)[:n].view(x.shape)  # four int16 per draw, each uniform on [-32768, 32767]
-    return u >= round(p * 65536) - 32768
+    return torch.where(u >= round(p * 65536) - 32768, x.new_tensor(1 / (1 - p)), 0.0)
 
 def dropout(x, p, training):
     """F.dropout: zero each element with probability p and scale the rest by 1/(1-p)."""
     if not training or p == 0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
-    return x * torch.where(keep_mask(x, p), x.new_tensor(1 / (1 - p)), 0.0)  # like F.dropout: x * {0, 1/(1-p)}
+    return x * dropout_mask(x, p)
 
 class DropoutAdd(torch.autograd.Function):
     """x + y * m for a saved 0-or-1/(1-p) mask m: one pass forward and one backward (autograd's own
@@ -141,7 +142,7 @@ def dropout_add(x, y, p, training):
     """x + dropout(y), the residual update."""
     if not training or p == 0 or x.device.type != "cpu":
         return x + F.dropout(y, p, training)
-    return DropoutAdd.apply(x, y, torch.where(keep_mask(y, p), y.new_tensor(1 / (1 - p)), 0.0))
+    return DropoutAdd.apply(x, y, dropout_mask(y, p))
 
 class CrossEntropy(torch.autograd.Function):
     """F.cross_entropy(logits.float(), targets), the mean over targets != -100, computed in slices of rows
@@ -161,21 +162,17 @@ class CrossEntropy(torch.autograd.Function):
         t = targets.clamp(min=0)[:, None]  # (n, 1): ignored rows pick column 0, then get weight 0
         count = keep.sum().clamp(min=1)
         ctx.save_for_backward(logits, lse, t, keep, count)
+        ctx.rows = rows
         return ((lse - logits.gather(1, t).squeeze(1).to(f32)) * keep).sum() / count
 
     @staticmethod
     def backward(ctx, g):
         logits, lse, t, keep, count = ctx.saved_tensors
-        n, V = logits.shape
-        rows = max(1, 2**19 // V)
         w = (keep * (g / count))[:, None]  # (n, 1): each row's share of the mean, 0 for ignored rows
         grad = torch.empty_like(logits)
-        for i in range(0, n, rows):  # softmax times the row weight, slice by slice: exp(logit - lse) * w
-            z, gi = logits[i:i + rows], grad[i:i + rows]
-            if gi.dtype == lse.dtype:  # fp32: straight into the gradient
-                torch.sub(z, lse[i:i + rows, None], out=gi).exp_().mul_(w[i:i + rows])
-            else:  # bf16: in fp32, then rounded
-                gi.copy_(torch.sub(z, lse[i:i + rows, None]).exp_().mul_(w[i:i + rows]))
+        for i in range(0, len(logits), ctx.rows):  # softmax times the row weight, slice by slice, in fp32
+            j = slice(i, i + ctx.rows)
+            grad[j] = torch.sub(logits[j], lse[j, None]).exp_().mul_(w[j])  # exp(logit - lse) * w
         grad.scatter_add_(1, t, (-w).to(grad.dtype))  # minus the one-hot target
         return grad, None
 
@@ -251,6 +248,8 @@ class MaskedLM(nn.Module):
             self.register_buffer("nhot_ids", table.clamp(min=0).long())
             present = (table >= 0).float()
             self.register_buffer("nhot_w", present / present.sum(1, keepdim=True).clamp(min=1).sqrt())
+            self.flatten_nhot()
+            self.register_load_state_dict_post_hook(lambda module, keys: module.flatten_nhot())
         # init: N(0, 0.02) everywhere (BERT/GPT-2); the two residual projections of each block are
         # shrunk by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth
         self.apply(self._init)
@@ -270,16 +269,23 @@ class MaskedLM(nn.Module):
             n -= self.tok.weight.numel() + self.out_bias.numel() + (self.sub.weight.numel() if self.config.nhot else 0)
         return n
 
+    def flatten_nhot(self):
+        """The padded (V, max_units) table without its pads, as embedding_bag takes it: every token's unit ids
+        and 1/sqrt(k) weights in one flat row, plus where each token's units start. An average token has far
+        fewer units than the longest one. Derived from the saved buffers, so rebuilt after a state-dict load.
+        Example: units [[3, 5, pad], [7, pad, pad]] -> ids [3, 5, 7], offsets [0, 2]."""
+        present = self.nhot_w > 0
+        self.register_buffer("nhot_flat_ids", self.nhot_ids[present], persistent=False)
+        self.register_buffer("nhot_flat_w", self.nhot_w[present], persistent=False)
+        self.register_buffer("nhot_offsets", F.pad(present.sum(1).cumsum(0)[:-1], (1, 0)), persistent=False)
+
     def embedding_matrix(self):
         """The composed (vocab, d_model) matrix E = E_tok + N . E_sub, built once per forward pass."""
         if not self.config.nhot:
             return self.tok.weight
-        # embedding_bag sums each token's unit vectors with the 1/sqrt(k) weights: (V, max_units) -> (V, C);
-        # flattened without the pads first, since an average token has far fewer units than the longest one
-        present = self.nhot_w > 0
-        offsets = F.pad(present.sum(1).cumsum(0)[:-1], (1, 0))  # where each token's units start
-        nsum = F.embedding_bag(self.nhot_ids[present], self.sub.weight, offsets,
-                               per_sample_weights=self.nhot_w[present], mode="sum")
+        # embedding_bag sums each token's unit vectors with the 1/sqrt(k) weights: (V, max_units) -> (V, C)
+        nsum = F.embedding_bag(self.nhot_flat_ids, self.sub.weight, self.nhot_offsets,
+                               per_sample_weights=self.nhot_flat_w, mode="sum")
         return self.tok.weight + nsum
 
     def rope(self, T, device):

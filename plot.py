@@ -10,7 +10,8 @@ Paper: Edman & Fraser, "Mask and You Shall Receive", BabyLM 2025.
 """
 import argparse, csv, glob, json, os, re, sys
 
-BUCKETS = [("1_10", "ranks 1-10"), ("11_100", "11-100"), ("101_1k", "101-1k"), ("1k_10k", "1k-10k"), ("10k_plus", ">10k")]
+from amlm import BUCKET_KEYS, BUCKET_LABELS
+
 
 
 def figure1(run, ax):
@@ -19,9 +20,9 @@ def figure1(run, ax):
     rows = list(csv.DictReader(open(os.path.join(run, "amlm.csv"))))
     start = json.load(open(os.path.join(run, "summary.json")))["config"]["mask_rate_start"]
     steps = [int(r["step"]) for r in rows]
-    for key, label in BUCKETS:
+    for key, label in zip(BUCKET_KEYS, BUCKET_LABELS):
         ys = [float(r[f"w_rank_{key}"]) * float(r["mask_rate"]) / start for r in rows]
-        ax.plot(steps, ys, label=label)
+        ax.plot(steps, ys, label=f"ranks {label}")
     ax.plot(steps, [float(r["mask_rate"]) for r in rows], "k--", label="mask rate")
     ax.set(xlabel="step", ylabel="mean masking probability", title=f"AMLM weights by frequency rank ({os.path.basename(run)})")
 

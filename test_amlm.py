@@ -19,7 +19,7 @@ import evaluate
 import train
 from amlm import AMLM, mask_rate
 from data import CLS, SEP, MASK, FIRST_BYTE, FIRST_CHAR, DataError, Tokenizer, Batches
-from model import MaskedLM, ModelConfig, RotaryQKV, CrossEntropy, apply_rope, rope_tables, dropout, dropout_add, keep_mask
+from model import MaskedLM, ModelConfig, RotaryQKV, CrossEntropy, apply_rope, rope_tables, dropout, dropout_add, dropout_mask
 
 # -----------------------------------------------------------------------------
 # data.py: corpus, tokenizer, sub-token table, cache, packing
@@ -512,6 +512,20 @@ def test_overfits_one_batch():
         opt.zero_grad()
     assert loss.item() < 0.05
 
+def test_nhot_flat_form_follows_a_loaded_table():
+    # the pad-free table embedding_bag uses is derived state: a state-dict load must rebuild it
+    a, b = tiny_model(seed=0), tiny_model(seed=1)
+    b.nhot_ids.zero_()  # b's own table differs from a's: every unit is unit 0
+    b.flatten_nhot()
+    assert not torch.equal(b.nhot_flat_ids, a.nhot_flat_ids)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.nhot_flat_ids, a.nhot_flat_ids) and torch.equal(b.nhot_offsets, a.nhot_offsets)
+    assert torch.equal(b.embedding_matrix(), a.embedding_matrix())
+    present = a.nhot_w[7] > 0
+    lo, hi = a.nhot_offsets[7], a.nhot_offsets[8]
+    assert torch.equal(a.nhot_flat_ids[lo:hi], a.nhot_ids[7][present])  # token 7's units, in order
+    assert "nhot_flat_ids" not in a.state_dict()  # not saved: checkpoints keep only the padded table
+
 def test_rotary_qkv_matches_slice_rope_transpose():
     # the fused function must be exactly the plain maths: split, rotate q and k, scale q, transpose
     torch.manual_seed(0)
@@ -551,8 +565,8 @@ def test_dropout_mask_rate_scale_and_seed():
     y = dropout(x, 0.1, True)
     assert y.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
     assert abs((y == 0).float().mean().item() - 0.1) < 0.002  # 1e6 draws: sd of the rate is 0.0003
-    assert abs((keep_mask(x, 0.5)).float().mean().item() - 0.5) < 0.002
-    assert keep_mask(x, 0.0).all()
+    assert abs((dropout_mask(x, 0.5) > 0).float().mean().item() - 0.5) < 0.002
+    assert (dropout_mask(x, 0.0) == 1).all()
     torch.manual_seed(1)
     assert torch.equal(dropout(x, 0.1, True), y)  # the global RNG drives it, so checkpoints resume it
     assert dropout(x, 0.1, False) is x
