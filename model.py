@@ -116,7 +116,8 @@ def dropout_mask(x, p):
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # 64 uniform bits per draw
     u = bits.view(torch.int16)[:n].view(x.shape)  # four int16 per draw, each uniform on [-32768, 32767]
-    return torch.where(u >= round(p * 65536) - 32768, x.new_tensor(1 / (1 - p)), 0.0)
+    keep = torch.ge(u, round(p * 65536) - 32768, out=torch.empty_like(x))  # 1.0 or 0.0, straight in x's dtype
+    return keep.mul_(1 / (1 - p))  # (half the time of torch.where(u >= ..., 1 / (1 - p), 0.0) here)
 
 def dropout(x, p, training):
     """F.dropout: zero each element with probability p and scale the rest by 1/(1-p)."""
@@ -144,37 +145,60 @@ def dropout_add(x, y, p, training):
         return x + F.dropout(y, p, training)
     return DropoutAdd.apply(x, y, dropout_mask(y, p))
 
-class CrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits.float(), targets), the mean over targets != -100, computed in slices of rows
-    that stay in cache. It keeps one log-sum-exp per row instead of an (n, V) log-probability matrix, and
-    its backward writes d loss / d logits = (softmax - onehot) / n in one pass. A fresh (n, V) float tensor
-    (42 MB for 640 x 16384) is served by mmap and page-faulted on first touch, so every full-size buffer
-    the library version allocates (log-probabilities, a zeroed nll gradient) costs ~10 ms on this CPU.
-    Example: logits [[0, ln 3]], target [1] -> loss ln(4/3) = 0.2877, gradient [[0.25, -0.25]]."""
+class LinearCrossEntropy(torch.autograd.Function):
+    """The tied head and its loss in one op: logits = h E^T + b and F.cross_entropy(logits.float(), targets),
+    the mean over targets != -100; returns (logits, loss). Same maths as F.linear + F.cross_entropy, but the
+    backward never builds the (n, V) gradient d loss / d logits = (softmax - onehot) * w. It walks the
+    vocabulary in slices of 2048 columns and feeds each slice, while it is in cache, to the three products
+    that need it (dh, dE, db). A fresh (n, V) float tensor (42 MB for 640 x 16384) is served by mmap and
+    page-faulted on first touch, ~10 ms here: the library pair allocates four per step (the logits, the
+    log-probabilities, two gradients), this one allocates only the logits it returns.
+    Example: h [[1, 0]], E [[0, 0], [ln 3, 0]], b 0, target [1] -> logits [[0, ln 3]], loss ln(4/3) = 0.2877,
+    d loss / d logits [[0.25, -0.25]], so dh = [[-0.25 ln 3, 0]], dE = [[0.25, 0], [-0.25, 0]], db = [0.25, -0.25]."""
 
     @staticmethod
-    def forward(ctx, logits, targets):
-        n, V = logits.shape
-        rows = max(1, 2**19 // V)  # rows per slice: 2 MB of fp32, about one core's L2 cache
+    def forward(ctx, h, E, b, targets):
+        if torch.is_autocast_enabled(h.device.type):  # a custom op is not cast by autocast: do what F.linear would
+            dt = torch.get_autocast_dtype(h.device.type)
+            h, E, b = h.to(dt), E.to(dt), b.to(dt)
+        n, V = h.shape[0], E.shape[0]
+        logits = h @ E.t()  # (n, V)
         f32 = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits are reduced in fp32
-        lse = torch.cat([logits[i:i + rows].to(f32).logsumexp(dim=-1) for i in range(0, n, rows)])  # (n,)
+        lse = logits.new_empty(n, dtype=f32)  # log-sum-exp per row: all the backward needs of the softmax
+        rows = max(1, 2**19 // V)  # rows per slice: 2 MB of fp32, in one core's L2 cache
+        for i in range(0, n, rows):
+            z = logits[i:i + rows]
+            z += b  # the bias, added while the slice is in cache anyway
+            lse[i:i + rows] = z.to(f32).logsumexp(dim=-1)
         keep = targets != -100
         t = targets.clamp(min=0)[:, None]  # (n, 1): ignored rows pick column 0, then get weight 0
         count = keep.sum().clamp(min=1)
-        ctx.save_for_backward(logits, lse, t, keep, count)
-        ctx.rows = rows
-        return ((lse - logits.gather(1, t).squeeze(1).to(f32)) * keep).sum() / count
+        loss = ((lse - logits.gather(1, t).squeeze(1).to(f32)) * keep).sum() / count
+        ctx.save_for_backward(h, E, logits, lse, t, keep, count)
+        ctx.set_materialize_grads(False)  # nobody differentiates the logits: no (n, V) zero gradient for them
+        return logits, loss
 
     @staticmethod
-    def backward(ctx, g):
-        logits, lse, t, keep, count = ctx.saved_tensors
-        w = (keep * (g / count))[:, None]  # (n, 1): each row's share of the mean, 0 for ignored rows
-        grad = torch.empty_like(logits)
-        for i in range(0, len(logits), ctx.rows):  # softmax times the row weight, slice by slice, in fp32
-            j = slice(i, i + ctx.rows)
-            grad[j] = torch.sub(logits[j], lse[j, None]).exp_().mul_(w[j])  # exp(logit - lse) * w
-        grad.scatter_add_(1, t, (-w).to(grad.dtype))  # minus the one-hot target
-        return grad, None
+    def backward(ctx, g_logits, g_loss):
+        h, E, logits, lse, t, keep, count = ctx.saved_tensors
+        dh = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)  # summed over slices, in fp32
+        dE, db = torch.empty_like(E), lse.new_empty(E.shape[0])
+        g_loss = g_loss if g_loss is not None else lse.new_zeros(())
+        w = keep[:, None] * (g_loss / count)  # (n, 1): each row's share of the mean, 0 for ignored rows
+        buf = lse.new_empty(len(lse), min(2048, E.shape[0]))  # one (n, 2048) slice buffer, reused: no page faults
+        for c in range(0, E.shape[0], 2048):
+            s = slice(c, c + 2048)
+            z = logits[:, s]
+            g = torch.sub(z, lse[:, None], out=buf[:, :z.shape[1]]).exp_().mul_(w)  # softmax * w: (n, 2048)
+            hit = (t >= c) & (t < c + z.shape[1])  # rows whose target is in this slice get -w there;
+            g.scatter_add_(1, (t - c).clamp(0, z.shape[1] - 1), -w * hit)  # the others add 0 at a clamped column
+            if g_logits is not None:  # only if the caller differentiates the logits themselves
+                g += g_logits[:, s]
+            db[s] = g.sum(0)
+            g = g.to(h.dtype)
+            torch.mm(g.t(), h, out=dE[s])  # (2048, C)
+            dh += g @ E[s]  # (n, C)
+        return dh, dE, db, None
 
 # -----------------------------------------------------------------------------
 # transformer block
@@ -300,7 +324,10 @@ class MaskedLM(nn.Module):
         Without labels: logits (B, T, V), loss None. attention_mask (B, T): 1 = token, 0 = padding."""
         B, T = input_ids.shape
         E = self.embedding_matrix()
-        x = dropout(F.embedding(input_ids, E), self.config.dropout, self.training)  # (B, T, C)
+        # sparse: the lookup's gradient is only the B*T looked-up rows, added straight into the head's dense (V, C)
+        # gradient for E, instead of a zeroed (V, C) buffer plus one more (V, C) addition (torch.compile can't trace it)
+        sparse = not torch.compiler.is_compiling()
+        x = dropout(F.embedding(input_ids, E, sparse=sparse), self.config.dropout, self.training)  # (B, T, C)
         cos, sin = self.rope(T, input_ids.device)
         mask = None  # None keeps sdpa on its fastest kernel when nothing is padded
         if attention_mask is not None:
@@ -315,5 +342,5 @@ class MaskedLM(nn.Module):
         # round the row count up to a multiple of 128: a handful of distinct (n, V) shapes instead of one per
         # step keeps the allocator reusing its blocks (otherwise a CPU process grows ~1 GB per 100 steps)
         h, y = F.pad(h, (0, 0, 0, -n % 128)), F.pad(labels[sel], (0, -n % 128), value=-100)  # pads: no target
-        logits = F.linear(self.ln_f(h), E, self.out_bias)  # (n rounded up, V)
-        return logits[:n], CrossEntropy.apply(logits, y)  # (n_labelled, V), mean over the n targets
+        logits, loss = LinearCrossEntropy.apply(self.ln_f(h), E, self.out_bias, y)  # (n rounded up, V), mean CE
+        return logits[:n], loss  # (n_labelled, V)

@@ -19,7 +19,7 @@ import evaluate
 import train
 from amlm import AMLM, mask_rate
 from data import CLS, SEP, MASK, FIRST_BYTE, FIRST_CHAR, DataError, Tokenizer, Batches
-from model import MaskedLM, ModelConfig, RotaryQKV, CrossEntropy, apply_rope, rope_tables, dropout, dropout_add, dropout_mask
+from model import MaskedLM, ModelConfig, RotaryQKV, LinearCrossEntropy, apply_rope, rope_tables, dropout, dropout_add, dropout_mask
 
 # -----------------------------------------------------------------------------
 # data.py: corpus, tokenizer, sub-token table, cache, packing
@@ -486,6 +486,25 @@ def test_padding_does_not_leak():
     c, _ = m(y)  # without the mask the change does leak: the check above can fail
     assert not torch.allclose(a[:, :12], c[:, :12], atol=1e-5)
 
+def test_tied_gradient_is_dense_and_counts_both_uses():
+    # E is looked up (a sparse gradient: only the rows in the batch) and scores every position (a dense one);
+    # the parameter must get their sum, as a dense tensor AdamW can use. Checked by central differences.
+    for nhot in (False, True):
+        m = tiny_model(nhot=nhot).double()
+        inp, lab = masked_batch()
+        _, loss = m(inp, labels=lab)
+        loss.backward()
+        g = m.tok.weight.grad
+        assert g.layout == torch.strided
+        w, eps = m.tok.weight.data, 1e-6
+        for row in (4, int(inp[0, 1]), int(lab[0, 0])):  # the mask id (both uses), an input, a target
+            w[row, 3] += eps
+            up = m(inp, labels=lab)[1].item()
+            w[row, 3] -= 2 * eps
+            down = m(inp, labels=lab)[1].item()
+            w[row, 3] += eps
+            assert abs((up - down) / (2 * eps) - g[row, 3].item()) < 1e-6
+
 def test_masked_logits_equal_full_rows():
     m = tiny_model().eval()
     inp, lab = masked_batch()
@@ -541,23 +560,44 @@ def test_rotary_qkv_matches_slice_rope_transpose():
     # rotation keeps lengths: position t turns each channel pair by t * inv_freq
     assert torch.allclose(got[1].norm(dim=-1), x[:, nh:2 * nh].norm(dim=-1))
 
-def test_cross_entropy_matches_library_and_ignores_minus_100():
+def test_linear_cross_entropy_matches_library_and_ignores_minus_100():
+    # the fused head must be F.linear + F.cross_entropy: logits, loss and all three gradients, in every dtype;
+    # V = 5000 spans three 2048-column slices of the backward, the last one partial
     torch.manual_seed(0)
-    y = torch.tensor([3, -100, 7, 0, -100, 4999])
-    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-        z = (torch.randn(6, 5000) * 3).to(dtype).requires_grad_()
-        loss = CrossEntropy.apply(z, y)
-        grad, = torch.autograd.grad(loss, z)
-        zf = z.detach().to(torch.promote_types(dtype, torch.float32)).requires_grad_()  # the reference in fp32 or fp64
-        ref = F.cross_entropy(zf, y)
-        ref.backward()
-        assert grad.dtype == dtype and abs(loss.item() - ref.item()) < tol
-        assert torch.allclose(grad.to(zf.dtype), zf.grad, rtol=tol, atol=tol / 100)
-        assert (grad[1] == 0).all() and (grad[4] == 0).all()  # ignored rows get no gradient
-    z = torch.tensor([[0.0, math.log(3)]], requires_grad=True)  # the docstring's worked example
-    loss = CrossEntropy.apply(z, torch.tensor([1]))
+    y = torch.tensor([3, -100, 2100, 0, -100, 4999])  # targets in the first and in the last slice
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        h, E, b = (torch.randn(*s, dtype=dtype, requires_grad=True) for s in ((6, 8), (5000, 8), (5000,)))
+        logits, loss = LinearCrossEntropy.apply(h, E, b, y)
+        grads = torch.autograd.grad(loss, (h, E, b))
+        ref = F.linear(h, E, b)
+        ref_loss = F.cross_entropy(ref, y)
+        ref_grads = torch.autograd.grad(ref_loss, (h, E, b))
+        assert torch.allclose(logits, ref, atol=tol) and abs(loss.item() - ref_loss.item()) < tol
+        for g, r in zip(grads, ref_grads):
+            assert g.dtype == dtype and torch.allclose(g, r, rtol=tol, atol=tol)
+        assert (grads[0][1] == 0).all() and (grads[0][4] == 0).all()  # ignored rows get no gradient
+    # under bf16 autocast it computes what autocast's F.linear would (up to one more bf16 rounding: the bias is
+    # added after the product), and reduces in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = LinearCrossEntropy.apply(h.float(), E.float(), b.float(), y)
+        ref = F.linear(h.float(), E.float(), b.float())
+    assert logits.dtype == torch.bfloat16 and torch.allclose(logits.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    assert abs(loss.item() - F.cross_entropy(logits.float(), y).item()) < 1e-4  # the loss of the logits it returns
+    for g, r in zip(torch.autograd.grad(loss, (h, E, b)), ref_grads):  # bf16 gradients, close to the fp32 ones
+        assert g.dtype == torch.float32 and (g - r).abs().max() < 0.03 * r.abs().max()
+    # a loss on the logits themselves is differentiated too (set_materialize_grads must not lose it)
+    h, E, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((3, 2), (2100, 2), (2100,)))
+    y = torch.tensor([5, -100, 2099])
+    assert torch.autograd.gradcheck(lambda h: LinearCrossEntropy.apply(h, E, b, y)[0].sin().sum(), (h,))
+    assert torch.autograd.gradcheck(lambda h: sum(LinearCrossEntropy.apply(h, E, b, y)[i].sum() for i in (0, 1)), (h,))
+    h = torch.tensor([[1.0, 0.0]], requires_grad=True)  # the docstring's worked example
+    E = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]], requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    _, loss = LinearCrossEntropy.apply(h, E, b, torch.tensor([1]))
     loss.backward()
-    assert loss.item() == pytest.approx(math.log(4 / 3)) and torch.allclose(z.grad, torch.tensor([[0.25, -0.25]]))
+    assert loss.item() == pytest.approx(math.log(4 / 3))
+    assert torch.allclose(h.grad, torch.tensor([[-0.25 * math.log(3), 0.0]]))
+    assert torch.allclose(E.grad, torch.tensor([[0.25, 0.0], [-0.25, 0.0]])) and torch.allclose(b.grad, torch.tensor([0.25, -0.25]))
 
 def test_dropout_mask_rate_scale_and_seed():
     x = torch.ones(1000, 1000)
