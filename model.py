@@ -119,9 +119,13 @@ def dropout_mask(x, p):
     keep = torch.ge(u, round(p * 65536) - 32768, out=torch.empty_like(x))  # 1.0 or 0.0, straight in x's dtype
     return keep.mul_(1 / (1 - p))  # (half the time of torch.where(u >= ..., 1 / (1 - p), 0.0) here)
 
+def own_dropout(x, p, training):
+    """Whether dropout runs on dropout_mask here: only where it pays, training on CPU with p > 0."""
+    return training and p > 0 and x.device.type == "cpu"
+
 def dropout(x, p, training):
     """F.dropout: zero each element with probability p and scale the rest by 1/(1-p)."""
-    if not training or p == 0 or x.device.type != "cpu":
+    if not own_dropout(x, p, training):
         return F.dropout(x, p, training)
     return x * dropout_mask(x, p)
 
@@ -141,7 +145,7 @@ class DropoutAdd(torch.autograd.Function):
 
 def dropout_add(x, y, p, training):
     """x + dropout(y), the residual update."""
-    if not training or p == 0 or x.device.type != "cpu":
+    if not own_dropout(x, p, training):
         return x + F.dropout(y, p, training)
     return DropoutAdd.apply(x, y, dropout_mask(y, p))
 
@@ -149,12 +153,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     """The tied head and its loss in one op: logits = h E^T + b and F.cross_entropy(logits.float(), targets),
     the mean over targets != -100; returns (logits, loss). Same maths as F.linear + F.cross_entropy, but the
     backward never builds the (n, V) gradient d loss / d logits = (softmax - onehot) * w. It walks the
-    vocabulary in slices of 2048 columns and feeds each slice, while it is in cache, to the three products
-    that need it (dh, dE, db). A fresh (n, V) float tensor (42 MB for 640 x 16384) is served by mmap and
-    page-faulted on first touch, ~10 ms here: the library pair allocates four per step (the logits, the
-    log-probabilities, two gradients), this one allocates only the logits it returns.
+    vocabulary in slices of 2048 columns and feeds each softmax slice, while it is in cache, to the three
+    products that need it (dh, dE, db); the one-hot part touches only the target rows. A fresh (n, V)
+    float tensor (42 MB for 640 x 16384) is served by mmap and page-faulted on first touch, ~10 ms here:
+    the library pair allocates four per step (the logits, the log-probabilities, two gradients), this one
+    allocates only the logits it returns.
     Example: h [[1, 0]], E [[0, 0], [ln 3, 0]], b 0, target [1] -> logits [[0, ln 3]], loss ln(4/3) = 0.2877,
     d loss / d logits [[0.25, -0.25]], so dh = [[-0.25 ln 3, 0]], dE = [[0.25, 0], [-0.25, 0]], db = [0.25, -0.25]."""
+    cols = 2048  # vocabulary slice of the backward: (n, 2048) fp32 is 5 MB for n = 640
 
     @staticmethod
     def forward(ctx, h, E, b, targets):
@@ -181,23 +187,27 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logits, g_loss):
         h, E, logits, lse, t, keep, count = ctx.saved_tensors
+        V, cols = E.shape[0], LinearCrossEntropy.cols
         dh = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)  # summed over slices, in fp32
-        dE, db = torch.empty_like(E), lse.new_empty(E.shape[0])
+        dE, db = torch.empty_like(E), lse.new_empty(V)
         g_loss = g_loss if g_loss is not None else lse.new_zeros(())
         w = keep[:, None] * (g_loss / count)  # (n, 1): each row's share of the mean, 0 for ignored rows
-        buf = lse.new_empty(len(lse), min(2048, E.shape[0]))  # one (n, 2048) slice buffer, reused: no page faults
-        for c in range(0, E.shape[0], 2048):
-            s = slice(c, c + 2048)
+        buf = lse.new_empty(len(lse), min(cols, V))  # one slice buffer, reused: no page faults
+        for c in range(0, V, cols):  # the softmax part, softmax * w, slice by slice
+            s = slice(c, c + cols)
             z = logits[:, s]
-            g = torch.sub(z, lse[:, None], out=buf[:, :z.shape[1]]).exp_().mul_(w)  # softmax * w: (n, 2048)
-            hit = (t >= c) & (t < c + z.shape[1])  # rows whose target is in this slice get -w there;
-            g.scatter_add_(1, (t - c).clamp(0, z.shape[1] - 1), -w * hit)  # the others add 0 at a clamped column
+            g = torch.sub(z, lse[:, None], out=buf[:, :z.shape[1]]).exp_().mul_(w)  # (n, cols)
             if g_logits is not None:  # only if the caller differentiates the logits themselves
                 g += g_logits[:, s]
             db[s] = g.sum(0)
             g = g.to(h.dtype)
-            torch.mm(g.t(), h, out=dE[s])  # (2048, C)
+            torch.mm(g.t(), h, out=dE[s])  # (cols, C)
             dh += g @ E[s]  # (n, C)
+        # the one-hot part, -w at each row's target column: one row of E, h and b per target
+        t = t[:, 0]
+        dh -= w * E[t]
+        dE.index_add_(0, t, (-w * h).to(dE.dtype))
+        db.index_add_(0, t, -w[:, 0])
         return dh, dE, db, None
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import argparse, csv, glob, json, os, re, sys
 from amlm import BUCKET_KEYS, BUCKET_LABELS
 
 
-
 def figure1(run, ax):
     """amlm.csv keeps the weights at the scale of the starting rate; a position's probability is about
     w * current rate / starting rate (each row is rescaled to the current rate when masking)."""
