@@ -210,6 +210,24 @@ class LinearCrossEntropy(torch.autograd.Function):
         db.index_add_(0, t, -w[:, 0])
         return dh, dE, db, None
 
+class NHotSum(torch.autograd.Function):
+    """N . E_sub, the (V, C) matrix of each token's unit vectors summed with its 1/sqrt(k) weights: one embedding_bag
+    over the flat table. Its gradient for E_sub, N^T . g, is the same kind of sum over the transposed table (for
+    each unit, the tokens that contain it), so the backward is one more embedding_bag. The library's own backward
+    sorts the ~100k unit ids and scatters, every step: 11 vs 4.5 ms forward + backward here (16384 tokens x 6 units).
+    Example: token 0 has units {0, 1}, token 1 has {1}, weights 1: N = [[1, 1], [0, 1]], so for g = [[1], [2]]
+    the gradient is N^T g = [[1], [3]]: unit 0 gets token 0's row, unit 1 the sum of both."""
+
+    @staticmethod
+    def forward(ctx, W, bag, bag_t):  # bag, bag_t: (ids, offsets, weights) of the table and of its transpose
+        ctx.bag_t = bag_t
+        return F.embedding_bag(bag[0], W, bag[1], per_sample_weights=bag[2], mode="sum")
+
+    @staticmethod
+    def backward(ctx, g):
+        ids, offsets, w = ctx.bag_t
+        return F.embedding_bag(ids, g.contiguous(), offsets, per_sample_weights=w, mode="sum"), None, None
+
 # -----------------------------------------------------------------------------
 # transformer block
 
@@ -240,13 +258,18 @@ class Block(nn.Module):
         self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.p = cfg.dropout
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, rows=None):
+        """x (B, T, C) -> (B, T, C); with rows = (b, t), index tensors of shape (n,), only those positions'
+        outputs (n, C): every position still serves as a key and value, but the projection and MLP after the
+        attention are row by row, so the other rows would be work for nothing in the last block."""
         B, T, C = x.shape
         qkv = self.qkv(self.ln1(x)).view(B, T, 3 * self.n_head, C // self.n_head)  # (B, T, 3nh, hd)
         cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)  # keep bf16 under autocast; sdpa wants one dtype
         q, k, v = RotaryQKV.apply(qkv, cos, sin, (C // self.n_head) ** -0.5)  # each (B, nh, T, hd)
-        y = attention(q, k, v, attn_mask)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = attention(q, k, v, attn_mask).transpose(1, 2)  # (B, T, nh, hd)
+        if rows is not None:
+            x, y = x[rows], y[rows]  # (n, C), (n, nh, hd)
+        y = y.reshape(x.shape)  # (B, T, C) or (n, C)
         x = dropout_add(x, self.proj(y), self.p, self.training)
         return dropout_add(x, self.out(F.gelu(self.fc(self.ln2(x)), approximate="none")), self.p, self.training)
 
@@ -305,21 +328,27 @@ class MaskedLM(nn.Module):
 
     def flatten_nhot(self):
         """The padded (V, max_units) table without its pads, as embedding_bag takes it: every token's unit ids
-        and 1/sqrt(k) weights in one flat row, plus where each token's units start. An average token has far
-        fewer units than the longest one. Derived from the saved buffers, so rebuilt after a state-dict load.
-        Example: units [[3, 5, pad], [7, pad, pad]] -> ids [3, 5, 7], offsets [0, 2]."""
+        and 1/sqrt(k) weights in one flat row, plus where each token's units start (an average token has far
+        fewer units than the longest one); and the same table transposed, each unit's tokens, for the backward.
+        Derived from the saved buffers, so rebuilt after a state-dict load.
+        Example: units [[3, 5, pad], [5, pad, pad]], 6 units -> ids [3, 5, 5], offsets [0, 2];
+        transposed: tokens [0, 0, 1], offsets [0, 0, 0, 0, 1, 1] (unit 3: token 0; unit 5: tokens 0 and 1)."""
         present = self.nhot_w > 0
-        self.register_buffer("nhot_flat_ids", self.nhot_ids[present], persistent=False)
-        self.register_buffer("nhot_flat_w", self.nhot_w[present], persistent=False)
-        self.register_buffer("nhot_offsets", F.pad(present.sum(1).cumsum(0)[:-1], (1, 0)), persistent=False)
+        ids, w = self.nhot_ids[present], self.nhot_w[present]
+        token = torch.arange(len(present), device=ids.device).repeat_interleave(present.sum(1))  # each entry's token
+        by_unit = torch.argsort(ids, stable=True)
+        starts = lambda counts: F.pad(counts.cumsum(0)[:-1], (1, 0))  # where each row's entries begin
+        for name, t in (("flat_ids", ids), ("flat_w", w), ("offsets", starts(present.sum(1))),
+                        ("t_ids", token[by_unit]), ("t_w", w[by_unit]),
+                        ("t_offsets", starts(torch.bincount(ids, minlength=self.config.n_units)))):
+            self.register_buffer("nhot_" + name, t, persistent=False)
 
     def embedding_matrix(self):
         """The composed (vocab, d_model) matrix E = E_tok + N . E_sub, built once per forward pass."""
         if not self.config.nhot:
             return self.tok.weight
-        # embedding_bag sums each token's unit vectors with the 1/sqrt(k) weights: (V, max_units) -> (V, C)
-        nsum = F.embedding_bag(self.nhot_flat_ids, self.sub.weight, self.nhot_offsets,
-                               per_sample_weights=self.nhot_flat_w, mode="sum")
+        nsum = NHotSum.apply(self.sub.weight, (self.nhot_flat_ids, self.nhot_offsets, self.nhot_flat_w),
+                             (self.nhot_t_ids, self.nhot_t_offsets, self.nhot_t_w))  # (V, C)
         return self.tok.weight + nsum
 
     def rope(self, T, device):
@@ -342,15 +371,21 @@ class MaskedLM(nn.Module):
         mask = None  # None keeps sdpa on its fastest kernel when nothing is padded
         if attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): which keys may be attended
-        for blk in self.blocks:
-            x = blk(x, cos, sin, mask)
         if labels is None:
+            for blk in self.blocks:
+                x = blk(x, cos, sin, mask)
             return F.linear(self.ln_f(x), E, self.out_bias), None  # (B, T, V)
-        sel = labels != -100
-        h = x[sel]  # (n, C): the head never sees the ~85 % of positions without a target
-        n = h.shape[0]
+        # only the ~15 % of positions with a target reach the loss: the head, and the last block after its
+        # attention, run on those rows alone (exact, and ~10 % of a training step saved)
+        b, t = (labels != -100).nonzero(as_tuple=True)  # (n,) each: where the targets are
+        n = len(b)
         # round the row count up to a multiple of 128: a handful of distinct (n, V) shapes instead of one per
         # step keeps the allocator reusing its blocks (otherwise a CPU process grows ~1 GB per 100 steps)
-        h, y = F.pad(h, (0, 0, 0, -n % 128)), F.pad(labels[sel], (0, -n % 128), value=-100)  # pads: no target
+        b, t = F.pad(b, (0, -n % 128)), F.pad(t, (0, -n % 128))  # the pad rows repeat position (0, 0) ...
+        y = labels[b, t]
+        y[n:] = -100  # ... with no target, so they add nothing to the loss or the gradients
+        for blk in self.blocks[:-1]:
+            x = blk(x, cos, sin, mask)
+        h = self.blocks[-1](x, cos, sin, mask, rows=(b, t))  # (n rounded up, C)
         logits, loss = LinearCrossEntropy.apply(self.ln_f(h), E, self.out_bias, y)  # (n rounded up, V), mean CE
         return logits[:n], loss  # (n_labelled, V)

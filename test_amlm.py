@@ -19,7 +19,7 @@ import evaluate
 import train
 from amlm import AMLM, mask_rate
 from data import CLS, SEP, MASK, FIRST_BYTE, FIRST_CHAR, DataError, Tokenizer, Batches
-from model import MaskedLM, ModelConfig, RotaryQKV, LinearCrossEntropy, apply_rope, rope_tables, dropout, dropout_add, dropout_mask
+from model import MaskedLM, ModelConfig, RotaryQKV, LinearCrossEntropy, NHotSum, apply_rope, rope_tables, dropout, dropout_add, dropout_mask
 
 # -----------------------------------------------------------------------------
 # data.py: corpus, tokenizer, sub-token table, cache, packing
@@ -512,6 +512,23 @@ def test_masked_logits_equal_full_rows():
     full, _ = m(inp)
     assert torch.allclose(part, full[lab != -100], atol=1e-5)
 
+def test_targets_only_path_has_the_full_paths_loss_and_gradients():
+    # with labels, the last block runs its projection and MLP only on target rows (plus pad rows that repeat
+    # position (0, 0)); loss and every gradient must equal cross-entropy on the full (B, T, V) logits
+    m = tiny_model(nhot=True).double()
+    inp, lab = masked_batch()
+    for target_at_0 in (True, False):  # whether position (0, 0), which the pad rows repeat, has a target
+        if not target_at_0:
+            lab[0, 0] = -100
+        _, loss = m(inp, labels=lab)
+        got = torch.autograd.grad(loss, list(m.parameters()))
+        full, _ = m(inp)
+        want_loss = F.cross_entropy(full.flatten(0, 1), lab.flatten())
+        want = torch.autograd.grad(want_loss, list(m.parameters()))
+        assert abs(loss.item() - want_loss.item()) < 1e-12
+        for (name, _), g, w in zip(m.named_parameters(), got, want):
+            assert torch.allclose(g, w, atol=1e-12), name
+
 def test_bf16_agrees_with_fp32():
     m = tiny_model().eval()
     inp, lab = masked_batch()
@@ -539,11 +556,30 @@ def test_nhot_flat_form_follows_a_loaded_table():
     assert not torch.equal(b.nhot_flat_ids, a.nhot_flat_ids)
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.nhot_flat_ids, a.nhot_flat_ids) and torch.equal(b.nhot_offsets, a.nhot_offsets)
+    assert torch.equal(b.nhot_t_ids, a.nhot_t_ids) and torch.equal(b.nhot_t_offsets, a.nhot_t_offsets)
     assert torch.equal(b.embedding_matrix(), a.embedding_matrix())
     present = a.nhot_w[7] > 0
     lo, hi = a.nhot_offsets[7], a.nhot_offsets[8]
     assert torch.equal(a.nhot_flat_ids[lo:hi], a.nhot_ids[7][present])  # token 7's units, in order
     assert "nhot_flat_ids" not in a.state_dict()  # not saved: checkpoints keep only the padded table
+
+def test_nhot_sum_backward_is_the_transposed_bag():
+    # the docstring's example: N = [[1, 1], [0, 1]], g = [[1], [2]] -> gradient N^T g = [[1], [3]]
+    bag = torch.tensor([0, 1, 1]), torch.tensor([0, 2]), torch.ones(3, dtype=torch.float64)
+    bag_t = torch.tensor([0, 0, 1]), torch.tensor([0, 1]), torch.ones(3, dtype=torch.float64)
+    W = torch.zeros(2, 1, dtype=torch.float64, requires_grad=True)
+    NHotSum.apply(W, bag, bag_t).backward(torch.tensor([[1.0], [2.0]], dtype=torch.float64))
+    assert W.grad.flatten().tolist() == [1.0, 3.0]
+    # a model's table against the library's backward, with tokens without units and a unit no token uses
+    m = tiny_model().double()
+    m.nhot_ids[m.nhot_ids == m.config.n_units - 1] = 0  # the last unit: its gradient row must still be there
+    m.flatten_nhot()
+    W = m.sub.weight.detach().clone().requires_grad_()
+    g = torch.randn(300, 32, dtype=torch.float64)
+    fwd = m.nhot_flat_ids, m.nhot_offsets, m.nhot_flat_w
+    ours, = torch.autograd.grad(NHotSum.apply(W, fwd, (m.nhot_t_ids, m.nhot_t_offsets, m.nhot_t_w)), W, g)
+    lib, = torch.autograd.grad(F.embedding_bag(fwd[0], W, fwd[1], per_sample_weights=fwd[2], mode="sum"), W, g)
+    assert torch.allclose(ours, lib, atol=1e-12) and ours.abs().sum() > 0
 
 def test_rotary_qkv_matches_slice_rope_transpose():
     # the fused function must be exactly the plain maths: split, rotate q and k, scale q, transpose
