@@ -514,20 +514,21 @@ def test_masked_logits_equal_full_rows():
 
 def test_targets_only_path_has_the_full_paths_loss_and_gradients():
     # with labels, the last block runs its projection and MLP only on target rows (plus pad rows that repeat
-    # position (0, 0)); loss and every gradient must equal cross-entropy on the full (B, T, V) logits
+    # the first target); loss and every gradient must equal cross-entropy on the full (B, T, V) logits
     m = tiny_model(nhot=True).double()
     inp, lab = masked_batch()
-    for target_at_0 in (True, False):  # whether position (0, 0), which the pad rows repeat, has a target
-        if not target_at_0:
-            lab[0, 0] = -100
-        _, loss = m(inp, labels=lab)
-        got = torch.autograd.grad(loss, list(m.parameters()))
-        full, _ = m(inp)
-        want_loss = F.cross_entropy(full.flatten(0, 1), lab.flatten())
-        want = torch.autograd.grad(want_loss, list(m.parameters()))
-        assert abs(loss.item() - want_loss.item()) < 1e-12
-        for (name, _), g, w in zip(m.named_parameters(), got, want):
-            assert torch.allclose(g, w, atol=1e-12), name
+    _, loss = m(inp, labels=lab)
+    got = torch.autograd.grad(loss, list(m.parameters()))
+    full, _ = m(inp)
+    want_loss = F.cross_entropy(full.flatten(0, 1), lab.flatten())
+    want = torch.autograd.grad(want_loss, list(m.parameters()))
+    assert abs(loss.item() - want_loss.item()) < 1e-12
+    for (name, _), g, w in zip(m.named_parameters(), got, want):
+        assert torch.allclose(g, w, atol=1e-12), name
+    # a fully padded first sequence (NaN rows: nothing to attend to) without targets leaves the loss finite
+    mask = torch.ones_like(inp)
+    mask[0], lab[0] = 0, -100
+    assert torch.isfinite(m(inp, labels=lab, attention_mask=mask)[1])
 
 def test_bf16_agrees_with_fp32():
     m = tiny_model().eval()
@@ -557,6 +558,7 @@ def test_nhot_flat_form_follows_a_loaded_table():
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.nhot_flat_ids, a.nhot_flat_ids) and torch.equal(b.nhot_offsets, a.nhot_offsets)
     assert torch.equal(b.nhot_t_ids, a.nhot_t_ids) and torch.equal(b.nhot_t_offsets, a.nhot_t_offsets)
+    assert torch.equal(b.nhot_t_w, a.nhot_t_w)
     assert torch.equal(b.embedding_matrix(), a.embedding_matrix())
     present = a.nhot_w[7] > 0
     lo, hi = a.nhot_offsets[7], a.nhot_offsets[8]
@@ -573,6 +575,7 @@ def test_nhot_sum_backward_is_the_transposed_bag():
     # a model's table against the library's backward, with tokens without units and a unit no token uses
     m = tiny_model().double()
     m.nhot_ids[m.nhot_ids == m.config.n_units - 1] = 0  # the last unit: its gradient row must still be there
+    m.nhot_w.mul_(torch.rand(len(m.nhot_w), 1, dtype=m.nhot_w.dtype) + 0.5)  # unequal weights per token
     m.flatten_nhot()
     W = m.sub.weight.detach().clone().requires_grad_()
     g = torch.randn(300, 32, dtype=torch.float64)
