@@ -222,7 +222,8 @@ class NHotSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W, bag, bag_t):  # bag, bag_t: (ids, offsets, weights) of the table and of its transpose
         ctx.save_for_backward(*bag_t)
-        return F.embedding_bag(bag[0], W, bag[1], per_sample_weights=bag[2], mode="sum")
+        ids, offsets, w = bag
+        return F.embedding_bag(ids, W, offsets, per_sample_weights=w, mode="sum")
 
     @staticmethod
     def backward(ctx, g):
@@ -336,11 +337,11 @@ class MaskedLM(nn.Module):
         Example: units [[3, 5, pad], [5, pad, pad]], 6 units -> ids [3, 5, 5], offsets [0, 2];
         transposed: tokens [0, 0, 1], offsets [0, 0, 0, 0, 1, 1] (unit 3: token 0; unit 5: tokens 0 and 1)."""
         present = self.nhot_w > 0
-        ids, w = self.nhot_ids[present], self.nhot_w[present]
-        token = torch.arange(len(present), device=ids.device).repeat_interleave(present.sum(1))  # each entry's token
+        ids, w, k = self.nhot_ids[present], self.nhot_w[present], present.sum(1)  # k: units per token
+        token = torch.arange(len(k), device=ids.device).repeat_interleave(k)  # each entry's token
         by_unit = torch.argsort(ids, stable=True)
         starts = lambda counts: F.pad(counts.cumsum(0)[:-1], (1, 0))  # where each row's entries begin
-        for name, t in (("flat_ids", ids), ("flat_w", w), ("offsets", starts(present.sum(1))),
+        for name, t in (("flat_ids", ids), ("flat_w", w), ("offsets", starts(k)),
                         ("t_ids", token[by_unit]), ("t_w", w[by_unit]),
                         ("t_offsets", starts(torch.bincount(ids, minlength=self.config.n_units)))):
             self.register_buffer("nhot_" + name, t, persistent=False)
@@ -373,23 +374,23 @@ class MaskedLM(nn.Module):
         mask = None  # None keeps sdpa on its fastest kernel when nothing is padded
         if attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): which keys may be attended
-        if labels is None:
-            for blk in self.blocks:
-                x = blk(x, cos, sin, mask)
-            return F.linear(self.ln_f(x), E, self.out_bias), None  # (B, T, V)
-        # only the positions with a target (15-40 %) reach the loss: the head, and the last block after its
-        # attention, run on those rows alone. The same maths as the full path, ~10 % of a training step saved
-        # (in training, the last block's dropout masks are drawn for these rows only)
-        b, t = (labels != -100).nonzero(as_tuple=True)  # (n,) each: where the targets are
-        n = len(b)
-        # round the row count up to a multiple of 128: a handful of distinct (n, V) shapes instead of one per
-        # step keeps the allocator reusing its blocks (otherwise a CPU process grows ~1 GB per 100 steps)
-        rows = F.pad(torch.arange(n, device=b.device), (0, -n % 128))  # the pad rows repeat the first target ...
-        b, t = b[rows], t[rows]
-        y = labels[b, t]
-        y[n:] = -100  # ... with no target, so they add nothing to the loss or the gradients
+        rows = None
+        if labels is not None:
+            # only the positions with a target (15-40 %) reach the loss: the head, and the last block after its
+            # attention, run on those rows alone. The same maths as the full path, ~10 % of a training step saved
+            # (in training, the last block's dropout masks are drawn for these rows only)
+            b, t = (labels != -100).nonzero(as_tuple=True)  # (n,) each: where the targets are
+            n = len(b)
+            # round the row count up to a multiple of 128: a handful of distinct (n, V) shapes instead of one per
+            # step keeps the allocator reusing its blocks (otherwise a CPU process grows ~1 GB per 100 steps)
+            i = F.pad(torch.arange(n, device=b.device), (0, -n % 128))  # the pad rows repeat the first target ...
+            rows = b[i], t[i]
+            y = labels[rows]
+            y[n:] = -100  # ... with no target, so they add nothing to the loss or the gradients
         for blk in self.blocks[:-1]:
             x = blk(x, cos, sin, mask)
-        h = self.blocks[-1](x, cos, sin, mask, rows=(b, t))  # (n rounded up, C)
-        logits, loss = LinearCrossEntropy.apply(self.ln_f(h), E, self.out_bias, y)  # (n rounded up, V), mean CE
+        x = self.blocks[-1](x, cos, sin, mask, rows)  # (B, T, C), or (n rounded up, C) with labels
+        if labels is None:
+            return F.linear(self.ln_f(x), E, self.out_bias), None  # (B, T, V)
+        logits, loss = LinearCrossEntropy.apply(self.ln_f(x), E, self.out_bias, y)  # (n rounded up, V), mean CE
         return logits[:n], loss  # (n_labelled, V)
