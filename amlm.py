@@ -64,15 +64,15 @@ class AMLM:
 
     vocab_size: V; special_ids: ids never selected nor drawn as random replacements ([PAD] [CLS] [SEP] ...;
     mask_id is always added). Special types keep weight 0 and are left out of every mean, so
-    `weights[maskable].mean() == rate` holds at all times. rate: the base rate p, the scale of the weights.
+    `weights[maskable].mean() == rate` holds at all times. rate: the starting mask rate p; each update rescales the
+    weights to the rate it is given (the decaying one), and `rate` follows it.
     metric: "hard" (top-1 accuracy), "soft" (cross-entropy) or "uniform" (no adaptation).
     ema: weight of the OLD value in the update. min_weight: floor on any weight (must lie in (0, rate]).
-    exact_count: select exactly round(rate * L) positions per sequence instead of independent Bernoulli draws.
     frequencies: (V,) counts of each type in the training data, only used to rank types in diagnostics().
     """
 
     def __init__(self, vocab_size, special_ids, mask_id, rate=0.15, metric="hard", ema=0.2,
-                 update_every=200, min_weight=0.005, exact_count=False, frequencies=None):
+                 update_every=200, min_weight=0.005, frequencies=None):
         V = int(vocab_size)
         specials = sorted({int(i) for i in special_ids} | {int(mask_id)})
         if V < 2 or any(not 0 <= i < V for i in specials) or len(specials) >= V:
@@ -89,7 +89,6 @@ class AMLM:
             raise ValueError(f"min_weight must lie in (0, rate={rate}], got {min_weight}")
         self.vocab_size, self.mask_id, self.rate, self.metric = V, int(mask_id), float(rate), metric
         self.ema, self.update_every, self.min_weight = float(ema), int(update_every), float(min_weight)
-        self.exact_count = bool(exact_count)
         self.maskable = torch.ones(V, dtype=torch.bool)
         self.maskable[specials] = False
         self.replacements = self.maskable.nonzero().squeeze(1)  # ids the 10 % random replacement draws from
@@ -154,26 +153,15 @@ class AMLM:
         labels hold the original id there and -100 elsewhere. All randomness comes from `generator`
         (same device as input_ids) and the amount drawn never depends on the data, so masks are reproducible.
 
-        Bernoulli (default, the paper's way): each position independently with probability pi_j, so the
-        marginals are exactly pi but the count per row varies (64 tokens at 0.15: 9.6 +- 2.9).
-        exact_count=True: exactly round(rate * L) positions per row (halves round up), drawn without
-        replacement in proportion to pi by Gumbel-top-k. The count no longer varies, but the inclusion
-        probabilities are only close to pi (drawing without replacement flattens them slightly toward
-        uniform: a capped pi=1 position is not certain to be drawn) and rounding shifts each row's rate by up to 0.5/L.
-        Example: rate 0.5 on [CLS a b b SEP] selects 1.5 positions on average; exact_count selects 2."""
+        Each position is selected independently with probability pi_j (as in the paper), so the marginals are
+        exactly pi but the count per row varies (64 tokens at 0.15: 9.6 +- 2.9).
+        Example: rate 0.5 on [CLS a b b SEP] selects 1.5 positions on average."""
         rate = self.rate if rate is None else float(rate)
         pi = self.probabilities(input_ids, rate)
         B, T = input_ids.shape
         dev = input_ids.device
         u = torch.rand(B, T, generator=generator, device=dev)
-        if self.exact_count:
-            k = torch.floor(rate * lookup(self.maskable, input_ids).sum(1).double() + 0.5)  # per-row count
-            keys = pi.log() - torch.log(-torch.log(u.clamp_min(1e-20)))  # log pi + Gumbel noise; specials -inf
-            order = keys.argsort(dim=1, descending=True)
-            rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=dev).expand(B, T))
-            selected = rank < k[:, None]
-        else:
-            selected = u < pi  # rand is in [0, 1): pi = 0 is never drawn, pi = 1 always
+        selected = u < pi  # rand is in [0, 1): pi = 0 is never drawn, pi = 1 always
         how = torch.rand(B, T, generator=generator, device=dev)
         pick = torch.randint(len(self.replacements), (B, T), generator=generator, device=dev)
         inputs = torch.where(selected & (how < 0.8), self.mask_id, input_ids)
@@ -227,28 +215,30 @@ class AMLM:
         # every type equally hard (e.g. nothing observed): neutral 0.5, the update then keeps relative weights
         return torch.where(hi > lo, 1 - (mean - lo) / (hi - lo).clamp_min(1e-12), 0.5)
 
-    def step(self):
-        """Call once per optimizer step (after all micro-batches were observed); updates every update_every steps."""
+    def step(self, rate=None):
+        """Call once per optimizer step (after all micro-batches were observed), with the mask rate that step
+        used; every update_every steps the weights move (see update)."""
         self.steps += 1
         if self.steps % self.update_every == 0:
-            self.update()
+            self.update(rate)
 
     @torch.no_grad()
-    def update(self):
-        """Move the weights toward the current difficulty (step() calls this), then reset the statistics:
+    def update(self, rate=None):
+        """Move the weights toward the current difficulty (step() calls this), then reset the statistics.
+        p is the mask rate in force now (the decaying one; the last rate if None):
 
             q_i = p * (1 - score_i)              proposal: hard types (low score) get more
             w_i <- ema * w_i + (1 - ema) * q_i   ema = 0.2 weights the OLD value
             w_i <- max(w_i, min_weight)          nothing is ever switched off
-            w   <- w * p / mean(w)               mean over the normal types is the base rate p again
+            w   <- w * p / mean(w)               mean over the normal types is p again
 
         Example (hard, p = 0.15, ema = 0.2, two types at w = 0.15):
             type A, 9 right of 9: score 9.5/10 = 0.95, q = 0.0075, w = 0.03 + 0.006 = 0.036
             type B, 0 right of 9: score 0.5/10 = 0.05, q = 0.1425, w = 0.03 + 0.114 = 0.144
             no clamp; mean 0.09, rescale by 0.15/0.09: w_A = 0.06, w_B = 0.24 (B is now chosen 4x as often).
-        p is the base rate given at construction, also when mask() gets a decaying rate: probabilities()
-        rescales every row to the current rate, so only the relative weights matter, and keeping their
-        scale fixed keeps the EMA and the floor (min_weight / p relative to the mean) the same all run long."""
+        As in the paper's code, the weights follow the decaying rate, so the floor min_weight is a larger share
+        of the mean as p falls: 1/80 of it at p = 0.40, 1/30 at p = 0.15. Example: at p = 0.10, a learned type
+        at w = 0.01 that proposes q = 0 gets 0.2 * 0.01 = 0.002 -> floored to 0.005, 1/20 of the mean."""
         self.all_reduce()
         if self.metric == "hard":
             n = int(self.total.sum())
@@ -257,10 +247,11 @@ class AMLM:
             n = int(self.ce_count.sum())
             self.last = {"observed": n, "acc": math.nan, "ce": float(self.ce_sum.sum()) / max(n, 1)}
         if self.metric != "uniform":
-            q = self.rate * (1 - self.scores())
+            p = self.rate = self.rate if rate is None else float(rate)
+            q = p * (1 - self.scores())
             w = (self.ema * self.weights + (1 - self.ema) * q).clamp_min(self.min_weight)
             w = torch.where(self.maskable, w, 0.0)
-            self.weights = w * (self.rate * len(self.replacements) / w.sum())  # specials add 0 to the sum
+            self.weights = w * (p * len(self.replacements) / w.sum())  # specials add 0 to the sum
         for t in (self.correct, self.total, self.ce_sum, self.ce_count):
             t.zero_()
         self.updates += 1
@@ -279,7 +270,7 @@ class AMLM:
     def state_dict(self):
         """Everything needed for an exact resume: weights, statistics and step counters (plain tensors and ints)."""
         sd = {k: getattr(self, k).clone() for k in ("weights", "correct", "total", "ce_sum", "ce_count")}
-        sd.update(steps=self.steps, updates=self.updates, metric=self.metric, vocab_size=self.vocab_size)
+        sd.update(steps=self.steps, updates=self.updates, metric=self.metric, vocab_size=self.vocab_size, rate=self.rate)
         return sd
 
     def load_state_dict(self, sd):
@@ -290,6 +281,8 @@ class AMLM:
         for k in ("weights", "correct", "total", "ce_sum", "ce_count"):
             setattr(self, k, sd[k].to(device=self.weights.device, dtype=getattr(self, k).dtype).clone())
         self.steps, self.updates = int(sd["steps"]), int(sd["updates"])
+        # the scale the weights are at: their mean (states saved before the weights followed the rate lack "rate")
+        self.rate = float(sd.get("rate", self.weights[self.maskable].mean()))
 
     # -------------------------------------------------------------------------
     # diagnostics (the paper's Figure 1: weight by frequency rank, and which tokens are hard)
@@ -307,7 +300,7 @@ class AMLM:
         top = self.order[:1000]
         by_weight = top[torch.argsort(w[top], descending=True, stable=True)].tolist()
         name = (lambda i: tokens[i]) if tokens is not None else str
-        d = {"step": self.steps, "update": self.updates, "metric": self.metric, **self.last,
+        d = {"step": self.steps, "update": self.updates, "metric": self.metric, "rate": self.rate, **self.last,
              "w_min": float(wo.min()), "w_max": float(wo.max())}
         for key, s, c in zip(BUCKET_KEYS, sums.tolist(), counts.tolist()):
             d[f"w_rank_{key}"] = s / c if c else math.nan

@@ -35,6 +35,8 @@ TOKENIZER_VERSION, CACHE_VERSION = 1, 1
 # Every non-space character falls in one branch, so nothing is lost; "▁" only ever appears as the prefix.
 PAT = re.compile(r"▁?(?:[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|(?:[^\w\s▁]|_)+)")
 PAT_LINES = re.compile(PAT.pattern + r"|\n")  # corpus encoding: "\n" between lines becomes [SEP] [CLS]
+MAX_PRETOKEN = 64  # longer pre-tokens are cut into 64-character chunks before BPE: one pathological line
+                   # (a 5 MB word) would otherwise make every merge rescan it
 DOWNLOADS = {"babylm_10M": ("https://osf.io/download/5mk3x/", "dc67e5d2db96ed4f76cb072e2504a18c")}
 KNOWN = ["babylm_10M", "babylm_100M", "synthetic"]
 
@@ -189,6 +191,12 @@ def pre_tokenize(text):
     return PAT.findall("▁" + "▁".join(text.replace("▁", " ").split())) if text else []
 
 
+def chunks(word):
+    """A pre-token cut into pieces of at most MAX_PRETOKEN characters. Example (cap 4): "▁abcdefghi" ->
+    ["▁abc", "defg", "hi"]."""
+    return [word[i:i + MAX_PRETOKEN] for i in range(0, len(word), MAX_PRETOKEN)] if word else []
+
+
 def _merge(ids, pair, new):
     """Replace each non-overlapping occurrence of pair, left to right. Example: [1,1,1], (1,1), 9 -> [9,1]."""
     a, b = pair
@@ -308,8 +316,9 @@ class Tokenizer:
         tok = cls(alphabet, [])
         seg = Counter()  # words split at out-of-alphabet characters, which never take part in merges
         for w, c in counts.items():
-            for run in tok._foreign.split(w)[::2]:
-                seg[run] += c
+            for piece in chunks(w):
+                for run in tok._foreign.split(piece)[::2]:
+                    seg[run] += c
         del seg[""]
         strings = list(seg)
         words = [[tok._char_id[ch] for ch in s] for s in strings]
@@ -330,6 +339,8 @@ class Tokenizer:
     def _encode_word(self, word):
         """BPE within runs of alphabet characters; other characters become their UTF-8 byte ids.
         Example: "▁a☃b" -> [id("▁a"), 231, 157, 136, id("b")] (☃ = E2 98 83)."""
+        if len(word) > MAX_PRETOKEN:
+            return list(chain.from_iterable(map(self._cache.__getitem__, chunks(word))))
         parts = self._foreign.split(word)
         if len(parts) == 1:
             return self._bpe(word)
@@ -446,7 +457,7 @@ class Data:
 def cache_key(files, vocab_size):
     """Hash of everything the cached arrays depend on: files (name, size, mtime) and tokenizer settings."""
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return hashlib.sha256(json.dumps([stats, vocab_size, PAT.pattern, TOKENIZER_VERSION, CACHE_VERSION,
+    return hashlib.sha256(json.dumps([stats, vocab_size, PAT.pattern, MAX_PRETOKEN, TOKENIZER_VERSION, CACHE_VERSION,
                                       MIN_CHAR_COUNT, VAL_EVERY]).encode()).hexdigest()[:16]
 
 

@@ -14,13 +14,14 @@ from amlm import BUCKET_KEYS, BUCKET_LABELS
 
 
 def figure1(run, ax):
-    """amlm.csv keeps the weights at the scale of the starting rate; a position's probability is about
-    w * current rate / starting rate (each row is rescaled to the current rate when masking)."""
+    """A position's probability is about w * current rate / the rate the weights are scaled to (each row is
+    rescaled to the current rate when masking); amlm.csv's "rate" column says that scale (files without it
+    kept the weights at the starting rate)."""
     rows = list(csv.DictReader(open(os.path.join(run, "amlm.csv"))))
     start = json.load(open(os.path.join(run, "summary.json")))["config"]["mask_rate_start"]
     steps = [int(r["step"]) for r in rows]
     for key, label in zip(BUCKET_KEYS, BUCKET_LABELS):
-        ys = [float(r[f"w_rank_{key}"]) * float(r["mask_rate"]) / start for r in rows]
+        ys = [float(r[f"w_rank_{key}"]) * float(r["mask_rate"]) / float(r.get("rate") or start) for r in rows]
         ax.plot(steps, ys, label=f"ranks {label}")
     ax.plot(steps, [float(r["mask_rate"]) for r in rows], "k--", label="mask rate")
     ax.set(xlabel="step", ylabel="mean masking probability", title=f"AMLM weights by frequency rank ({os.path.basename(run)})")

@@ -94,6 +94,18 @@ def test_merge_handles_overlaps():
     assert t.tokens[-2:] == ["aa", "aaaa"]
 
 
+def test_long_pre_tokens_are_cut_before_bpe():
+    # one 401-character word: without the cap, BPE would grow tokens of 128 and 256 characters out of it
+    word = "▁" + "ab" * 200
+    t = Tokenizer.train({word: 3, "▁cd": 2}, FIRST_CHAR + 5 + 12)
+    assert max(len(tok) for tok in t.tokens) <= data.MAX_PRETOKEN
+    assert "".join(data.chunks(word)) == word and [len(c) for c in data.chunks(word)] == [64] * 6 + [17]
+    fresh = Tokenizer.from_json(t.to_json())  # empty cache: the cut happens in encoding too
+    ids = fresh.encode(word[1:] + " cd")
+    assert ids == [i for c in data.chunks(word) for i in fresh._bpe(c)] + fresh.encode("cd")
+    assert fresh.decode(ids) == word[1:] + " cd" and t.encode(word[1:]) == fresh.encode(word[1:])
+
+
 def test_training_is_deterministic_and_order_free():
     text = data.synthetic_text(500, seed=3)
     counts = Counter(data.pre_tokenize(text))
@@ -857,19 +869,6 @@ def test_80_10_10_split():
     assert abs(masked / n - 0.8) < 0.01 and abs(rand / n - 0.1) < 0.01 and abs(kept / n - 0.1) < 0.01
 
 
-def test_exact_count_per_row():
-    V = 30
-    am = make(V, rate=0.3, exact_count=True)
-    am.weights = torch.where(am.maskable, torch.linspace(0.01, 3, V), 0.0)
-    x = batch(V, B=8, T=32, pad_from=[32, 31, 16, 9, 4, 3, 2, 25])  # row 2: L=15, 4.5 -> 5
-    g = torch.Generator().manual_seed(0)
-    want = torch.tensor([math.floor(0.3 * L + 0.5) for L in n_maskable(x).tolist()])
-    for _ in range(20):
-        inputs, labels = am.mask(x, generator=g)
-        assert ((labels != -100).sum(1) == want).all()
-        assert (labels[torch.isin(x, torch.tensor(SPECIALS))] == -100).all()
-
-
 def test_same_generator_seed_same_masks():
     am = make(30)
     x = batch(30)
@@ -965,7 +964,7 @@ def test_observe_rejects_mismatched_logits():
         am.observe(torch.tensor([[-100, 6, 7]]), torch.zeros(3, 20))
 
 
-def test_mean_weight_stays_base_rate_and_decay_keeps_budget():
+def test_weights_follow_the_decaying_rate_and_keep_the_budget():
     V = 60
     am = make(V, rate=0.4, update_every=2, metric="hard")
     g = torch.Generator().manual_seed(0)
@@ -975,10 +974,36 @@ def test_mean_weight_stays_base_rate_and_decay_keeps_budget():
         inputs, labels = am.mask(x, rate=rate, generator=g)
         assert torch.allclose(am.probabilities(x, rate).sum(1), rate * n_maskable(x).float(), atol=1e-4)
         am.observe(labels, torch.randn(int((labels != -100).sum()), V, generator=g), inputs)
-        am.step()
-        assert am.weights[am.maskable].mean().item() == pytest.approx(0.4, rel=1e-5)
+        am.step(rate)
+        scale = rate if step % 2 == 1 else am.rate  # updates at odd steps rescale to that step's rate
+        assert am.rate == pytest.approx(scale) and am.weights[am.maskable].mean().item() == pytest.approx(scale, rel=1e-5)
         assert (am.weights[~am.maskable] == 0).all() and am.weights[am.maskable].min() >= am.min_weight * 0.999
     assert am.updates == 10 and am.weights[am.maskable].std() > 0
+
+
+def test_floor_is_relative_to_the_current_rate():
+    # the docstring example: at p = 0.10 a learned type at w = 0.01 falls to 0.002 and is floored to 0.005
+    am = AMLM(4, special_ids=[0], mask_id=1, rate=0.40, ema=0.2, update_every=1)
+    am.weights = torch.tensor([0.0, 0.0, 0.01, 0.19])
+    am.correct[2] = am.total[2] = 10**6  # type 2: always right, q = 0.1 * 0.5 / (10**6 + 1); type 3: unseen, score 0.5
+    am.step(rate=0.10)
+    w2, w3 = 0.005, 0.2 * 0.19 + 0.8 * 0.10 * 0.5
+    assert torch.allclose(am.weights[2:], torch.tensor([w2, w3]) * 0.10 / ((w2 + w3) / 2))
+    assert am.rate == 0.10 and am.weights[2:].mean().item() == pytest.approx(0.10)
+    # the floor's share of the mean grows as the rate decays: 1/80 of 0.40, but 1/20 of 0.10
+    assert am.weights[2] / am.weights[2:].mean() > 0.005 / 0.10
+
+
+def test_state_without_a_rate_keeps_the_starting_rate():
+    # states saved before the weights followed the rate have no "rate": the weights stay at the starting scale
+    am = make(20, rate=0.4)
+    sd = am.state_dict()
+    assert sd["rate"] == 0.4
+    del sd["rate"]
+    other = make(20, rate=0.4)
+    other.rate = 0.2
+    other.load_state_dict(sd)
+    assert other.rate == pytest.approx(0.4)
 
 
 def test_uniform_never_changes_weights():

@@ -306,7 +306,7 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         amlm.observe(labels, logits.detach(), inputs)
-        amlm.step()
+        amlm.step(rate=p)  # the weights follow the decaying rate, as in the paper
         step += 1
         tokens_seen += args.batch_tokens
         # --- bookkeeping ---
