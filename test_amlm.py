@@ -1298,3 +1298,190 @@ def test_truncated_checkpoint(model, tok, tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:2000])
     with pytest.raises(evaluate.EvalError, match="truncated"):
         evaluate.load_checkpoint(ckpt)
+
+# -----------------------------------------------------------------------------
+# export.py: the Hugging Face folder, checked through transformers (a test dependency only: without it these
+# tests skip, unless AMLM_REQUIRE_TRANSFORMERS is set, as .ci/run does, which turns a missing one into a failure)
+
+import re
+import shutil
+import export
+
+
+def _transformers():
+    if os.environ.get("AMLM_REQUIRE_TRANSFORMERS"):
+        import transformers  # CI installed it: an ImportError here fails the test
+        return transformers
+    return pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers): "
+                               "the export exactness tests need it, export.py itself does not")
+
+TRICKY = ["", " ", "\n", "a", "The dog walked.", "  runs   of\tspaces  \n\n and\r\nnewlines ", "naïve café résumé",
+          "nai\u0308ve cafe\u0301 (combining marks)", "Hi 🦊🦊 fox 👩‍👩‍👧 and ☃!", "日本語のテキスト", "x² ½ 12,500.75 ٣٤ _a_ __init__",
+          "don't 'quoted' it’s l'homme’s", "a\u2028b\u3000c\xa0d\x1ce\x85f\u200bg", "literal ▁ marker▁x ▁▁", "\0\x99 ctrl \x7f",
+          "[MASK] [CLS] [SEP] <0x41> ##x", "supercalifragilistic" * 7 + " end", "Ünïcödé ÀÉÎÕÜ ß ẞ ǅ ǈ", "🦊" * 70]
+
+
+@pytest.fixture(scope="module")
+def hf_ckpt(data_dir, tmp_path_factory):
+    """A checkpoint trained a few steps on the synthetic corpus (N-hot on, 2 layers)."""
+    out = tmp_path_factory.mktemp("hf_run")
+    run(["--max-steps", "8", "--n-layer", "2"], data_dir, out)
+    return out / "latest.pt"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(hf_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf_export") / "model"
+    assert export.main([str(hf_ckpt), str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_tok(hf_dir):
+    return _transformers().AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+
+
+def _ours(hf_ckpt):
+    model, tok, _ = evaluate.load_checkpoint(hf_ckpt)
+    return model, tok
+
+
+def _check_offsets(text, tokens, offsets):
+    """Each token's span ends with its own characters (a "▁" stands for the whitespace before it, and byte
+    tokens share their character's span), and the spans, read in order, spell the text without whitespace."""
+    spelled, last = [], None
+    for t, (s, e) in zip(tokens, offsets):
+        if t in data.SPECIALS:
+            assert (s, e) == (0, 0), t
+        elif re.fullmatch(r"<0x[0-9A-F]{2}>", t):
+            assert e - s == 1 and int(t[3:5], 16) in text[s:e].encode(), (t, text[s:e])
+            spelled += [text[s:e]] if (s, e) != last else []
+            last = (s, e)
+        elif t.replace("▁", ""):
+            core = t.replace("▁", "")
+            assert text[s:e].replace("▁", " ").strip() == core, (t, text[s:e])
+            spelled.append(core)
+    assert "".join(spelled) == "".join(text.replace("▁", " ").split())
+
+
+def test_export_tokenizer_ids_offsets_decode_on_tricky_text(hf_ckpt, hf_tok):
+    _, tok = _ours(hf_ckpt)
+    for s in TRICKY:
+        enc = hf_tok(s, return_offsets_mapping=True)
+        assert enc["input_ids"] == [CLS] + tok.encode(s) + [SEP], repr(s)
+        _check_offsets(s, hf_tok.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"])
+        assert hf_tok.decode(enc["input_ids"], skip_special_tokens=True) == tok.decode(tok.encode(s)), repr(s)
+    pair = hf_tok("The cat sat.", "  A dog 🦊 ran. ")
+    assert pair["input_ids"] == [CLS] + tok.encode("The cat sat.") + [SEP] + tok.encode("  A dog 🦊 ran. ") + [SEP]
+    assert "token_type_ids" not in pair  # the model has no segment embedding
+    batch = hf_tok(["a b", "the happy dog walked"], padding=True)
+    assert batch["input_ids"][0][-1] == data.PAD and batch["attention_mask"][0][-1] == 0
+
+
+def test_export_tokenizer_every_code_point(hf_tok):
+    # Python's classes (\s, \d, [^\W\d_], ...) against the Rust engine's spelled-out ones, for all of Unicode:
+    # a code point put in another class would move a pre-token boundary in this one long string
+    backend, text = hf_tok.backend_tokenizer, export.every_code_point()
+    marked = "▁" + "▁".join(text.replace("▁", " ").split())
+    assert backend.normalizer.normalize_str(text) == marked
+    pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(marked)]
+    assert pieces == [c for w in data.PAT.findall(marked) for c in data.chunks(w)]
+    spaced = "x".join(text)  # every code point alone between two letters: whitespace becomes a word break
+    assert backend.normalizer.normalize_str(spaced) == "▁" + "▁".join(spaced.replace("▁", " ").split())
+
+
+def test_export_tokenizer_whole_synthetic_corpus_and_fuzz(hf_ckpt, hf_tok):
+    _, tok = _ours(hf_ckpt)
+    lines = data.synthetic_text().splitlines()
+    assert hf_tok(lines, add_special_tokens=False)["input_ids"] == [tok.encode(s) for s in lines]
+    rng = random.Random(0)
+    alphabet = "ab cdeé🦊.,'’_ \t\n\u2028\u00a0▁1²日-\u0301"
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80))) for _ in range(500)]
+    enc = hf_tok(fuzz, add_special_tokens=False, return_offsets_mapping=True)
+    for s, ids, offsets in zip(fuzz, enc["input_ids"], enc["offset_mapping"]):
+        assert ids == tok.encode(s), repr(s)
+        _check_offsets(s, hf_tok.convert_ids_to_tokens(ids), offsets)
+        assert hf_tok.decode(ids) == tok.decode(ids), repr(s)
+
+
+def test_export_model_matches_maskedlm(hf_ckpt, hf_dir):
+    tf = _transformers()
+    model, tok = _ours(hf_ckpt)
+    mlm = tf.AutoModelForMaskedLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    base = tf.AutoModel.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    assert tf.AutoConfig.from_pretrained(hf_dir, trust_remote_code=True).hidden_size == model.config.d_model
+    rows = [[CLS] + tok.encode(s) + [SEP] for s in ("The happy dog walked.", "A cat.", "Anna said that the reality of it.")]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [data.PAD] * (T - len(r)) for r in rows])
+    mask = (ids != data.PAD).long()
+    hidden = {}
+    model.ln_f.register_forward_hook(lambda m, i, o: hidden.update(h=o))
+    with torch.no_grad():
+        for x, m in ((ids, mask), (ids[1:2, :mask[1].sum()], None)):  # padded batch, then one unpadded row
+            ref, _ = model(x, attention_mask=m)
+            assert (mlm(input_ids=x, attention_mask=m).logits - ref).abs().max() <= 1e-4
+            out = base(input_ids=x, attention_mask=m, token_type_ids=torch.zeros_like(x))
+            assert not hasattr(out, "logits") and (out.last_hidden_state - hidden["h"]).abs().max() <= 1e-4
+        long = torch.randint(FIRST_CHAR, tok.vocab_size, (1, 512))  # the pipeline fine-tunes on up to 512 tokens
+        assert (mlm(input_ids=long).logits - model(long)[0]).abs().max() <= 1e-4
+
+
+def test_export_classifier_fine_tunes_both_embedding_tables(hf_dir):
+    tf = _transformers()
+    clf = tf.AutoModelForSequenceClassification.from_pretrained(hf_dir, trust_remote_code=True, num_labels=2)
+    ids = torch.randint(FIRST_CHAR, clf.config.vocab_size, (4, 20))
+    loss = clf(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1, 0, 1])).loss
+    loss.backward()
+    enc = clf.amlm
+    assert enc.tok.weight.grad.abs().sum() > 0 and enc.sub.weight.grad.abs().sum() > 0  # N-hot keeps training
+
+
+def test_export_safetensors_and_config(hf_ckpt, hf_dir):
+    st = pytest.importorskip("safetensors.torch")  # comes with transformers: an independent reader of our writer
+    ck = torch.load(hf_ckpt, weights_only=True)
+    tensors = st.load_file(hf_dir / "model.safetensors")
+    assert {k.removeprefix("amlm."): v for k, v in tensors.items()}.keys() == ck["model"].keys()
+    assert all(torch.equal(v, ck["model"][k.removeprefix("amlm.")]) for k, v in tensors.items())
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification"}
+    assert cfg["amlm_step"] == ck["step"] and "import amlm" not in (hf_dir / "modeling_amlm.py").read_text()
+    assert json.loads((hf_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_export_milestones_names_and_order(hf_ckpt, tmp_path):
+    for name in ("ckpt_10M.pt", "ckpt_2M.pt", "latest.pt", "notes.txt"):
+        shutil.copyfile(hf_ckpt, tmp_path / name)
+    out = tmp_path / "hf"
+    assert [p.name for p in export.export(tmp_path, out, all_milestones=True, quiet=True)] == ["chck_2M", "chck_10M", "main"]
+    assert sorted(p.name for p in out.iterdir()) == ["chck_10M", "chck_2M", "main"]
+    assert (out / "main" / "model.safetensors").is_file() and not list(tmp_path.glob("hf.*"))
+
+
+def test_export_duplicate_token_strings_are_refused():
+    tok = Tokenizer(["▁", "a", "b", "c"], [(262, 263), (263, 264), (265, 264), (262, 266)])  # ab, bc, ab+c, a+bc
+    with pytest.raises(export.ExportError, match="two tokens spelled 'abc'"):
+        export.tokenizer_json(tok)
+
+
+def test_export_bad_input_one_sentence_nothing_written(hf_ckpt, tmp_path, capsys):
+    def fails(args, msg):
+        assert export.main([str(a) for a in args]) == 1
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    fails([tmp_path / "foreign.pt", tmp_path / "a"], "not an amlm checkpoint")
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02garbage")
+    fails([tmp_path / "garbage.pt", tmp_path / "a"], "cannot read checkpoint")
+    fails([tmp_path / "missing.pt", tmp_path / "a"], "does not exist")
+    fails([tmp_path / "nope", tmp_path / "a", "--milestones"], "does not exist")
+    ck = torch.load(hf_ckpt, weights_only=True)
+    ck["model"]["ln_f.weight"] = torch.ones(7)
+    torch.save(ck, tmp_path / "shape.pt")
+    fails([tmp_path / "shape.pt", tmp_path / "a"], "first mismatch: ln_f.weight")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.pt", "garbage.pt", "shape.pt"]  # no half export
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    fails([hf_ckpt, tmp_path / "full"], "exists and is not empty; pass --force")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    assert export.main([str(hf_ckpt), str(tmp_path / "full"), "--force"]) == 0
+    assert (tmp_path / "full" / "config.json").is_file() and not (tmp_path / "full" / "keep.txt").exists()

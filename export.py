@@ -1,0 +1,293 @@
+"""
+Export an amlm checkpoint in Hugging Face format, for the official BabyLM 2025 evaluation pipeline
+(babylm/evaluation-pipeline-2025) and anything else that loads models through transformers' Auto classes.
+
+Paper: Edman & Fraser, "Mask and You Shall Receive: Optimizing Masked Language Modeling for Pretraining
+BabyLMs" (BabyLM Challenge 2025). BabyLM scores entries only through its pipeline, which loads only this format.
+
+    python export.py out/run/latest.pt hf/run                # one checkpoint -> hf/run/
+    python export.py out/run hf/run --milestones             # ckpt_<N>M.pt -> hf/run/chck_<N>M/, latest.pt -> hf/run/main/
+
+The folder: config.json (its auto_map points AutoConfig, AutoModel, AutoModelForMaskedLM and
+AutoModelForSequenceClassification at modeling_amlm.py, copied verbatim: it imports only torch and
+transformers), model.safetensors (written here: an 8-byte header length, a JSON header, raw tensors), and a
+fast tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json) that reproduces
+data.Tokenizer id for id. Load it with trust_remote_code=True. This file writes files; it never imports
+transformers.
+
+data.Tokenizer as a `tokenizers` pipeline:
+  normalizer     runs of whitespace and "▁" -> one "▁", none at the ends, then "▁" prepended (not to "")
+  pre-tokenizer  data.PAT with each Python class (\\d, [^\\W\\d_], ...) spelled out code point by code point,
+                 because the Rust regex engine's Unicode classes differ (e.g. "²" is a letter to Python's
+                 [^\\W\\d_]); then every pre-token cut into 64-character pieces (data.MAX_PRETOKEN)
+  model          BPE with the same merges in the same order, byte fallback to "<0xXX>" (merges never
+                 involve a byte token, so they never cross one, as in data.Tokenizer._encode_word)
+  post-processor [CLS] $A [SEP] and [CLS] $A [SEP] $B [SEP]
+  decoder        byte runs joined as UTF-8, "▁" -> " ", one leading space dropped; specials skipped
+                 (skip_special_tokens=True)
+"""
+import argparse, functools, json, os, re, shutil, sys, time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import data
+from data import DataError, Tokenizer
+from model import ModelConfig
+
+HERE = Path(__file__).resolve().parent
+MODELING = "modeling_amlm.py"
+MAX_LENGTH = 512  # the pipeline fine-tunes on pairs of up to 512 tokens; RoPE runs at any length
+PAT_TRANSLATED = r"▁?(?:[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|(?:[^\w\s▁]|_)+)"  # the data.PAT spelled out below
+
+
+class ExportError(Exception):
+    """A user mistake (missing file, not our checkpoint, occupied output folder), said in one sentence."""
+
+
+# -----------------------------------------------------------------------------
+# reading the checkpoint: torch.load with weights_only, so a file never executes code
+
+def expected_shapes(cfg):
+    """The state-dict keys and shapes of model.MaskedLM for a config dict.
+    Example: {"vocab_size": 10, "n_layer": 1, "d_model": 4, "d_ff": 8, "nhot": False, ...} ->
+    {"tok.weight": (10, 4), "blocks.0.ln1.weight": (4,), "blocks.0.qkv.weight": (12, 4), ..., "out_bias": (10,)}"""
+    V, C, Fd = cfg["vocab_size"], cfg["d_model"], cfg["d_ff"]
+    shapes = {"tok.weight": (V, C), "ln_f.weight": (C,), "out_bias": (V,)}
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        shapes.update({b + "ln1.weight": (C,), b + "qkv.weight": (3 * C, C), b + "proj.weight": (C, C),
+                       b + "ln2.weight": (C,), b + "fc.weight": (Fd, C), b + "out.weight": (C, Fd)})
+    if cfg["nhot"]:
+        shapes.update({"sub.weight": (cfg["n_units"], C), "nhot_ids": (V, cfg["max_units"]),
+                       "nhot_w": (V, cfg["max_units"])})
+    return shapes
+
+
+def load(path):
+    """A train.py checkpoint -> (checkpoint dict, config dict, Tokenizer), or ExportError.
+    Example: load("out/run/latest.pt") -> ({"model": {...}, "step": 1000, ...}, {"vocab_size": 16384, ...}, Tokenizer)"""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path} does not exist")
+    try:  # mmap: a latest.pt also holds the optimizer state, which we never touch
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated file, not a torch file, pickled foreign objects...
+        raise ExportError(f"cannot read checkpoint {path} (truncated or not a torch checkpoint: {type(e).__name__})")
+    if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= ckpt.keys():
+        raise ExportError(f"{path} is not an amlm checkpoint (it needs the keys model, config and tokenizer)")
+    try:
+        cfg = asdict(ModelConfig(**ckpt["config"]))
+        tok = Tokenizer.from_json(ckpt["tokenizer"])
+    except (TypeError, DataError) as e:
+        raise ExportError(f"{path} does not match this version of model.py/data.py: {str(e).splitlines()[0]}")
+    want, sd = expected_shapes(cfg), ckpt["model"]
+    got = {k: tuple(v.shape) for k, v in sd.items()} if isinstance(sd, dict) else {}
+    if got != want or tok.vocab_size != cfg["vocab_size"]:
+        bad = sorted(set(want.items()) ^ set(got.items()))[:1] or [("vocab_size", tok.vocab_size)]
+        raise ExportError(f"{path} does not match this version of model.py/data.py (first mismatch: {bad[0][0]})")
+    return ckpt, cfg, tok
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer as a `tokenizers` JSON file
+
+@functools.lru_cache(None)
+def every_code_point():
+    """All of Unicode but the surrogates (which UTF-8 text cannot hold), in order, as one string."""
+    return "".join(map(chr, [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]))
+
+
+def char_class(pattern):
+    """A regex class of every code point (surrogates aside) that matches pattern under Python's re, as
+    \\x{..} ranges the Rust engine reads the same way. Example: char_class(r"\\d") -> "[\\x{30}-\\x{39}\\x{660}-...]"."""
+    hits = [ord(ch) for ch in re.findall(pattern, every_code_point())]  # one C-level pass over all of Unicode
+    ranges = []
+    for c in hits:
+        if ranges and ranges[-1][1] == c - 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return "[" + "".join(f"\\x{{{a:X}}}" + (f"-\\x{{{b:X}}}" if b > a else "") for a, b in ranges) + "]"
+
+
+@functools.lru_cache(None)
+def hf_patterns():
+    """(whitespace run, pre-token pattern) for the Rust regex engine, with classes spelled out from Python's."""
+    if data.PAT.pattern != PAT_TRANSLATED:
+        raise ExportError("data.PAT has changed; update export.py's translation of it (and its tests)")
+    space = char_class(r"\s")  # \s of str patterns is str.isspace, what str.split() splits on
+    letter, digit, punct = char_class(r"[^\W\d_]"), char_class(r"\d"), char_class(r"[^\w\s▁]|_")
+    mark = r"\x{2581}"  # ▁
+    pretoken = rf"{mark}?(?:{letter}+(?:['\x{{2019}}]{letter}+)*|{digit}+|{punct}+)"
+    return space[:-1] + mark + "]+", pretoken
+
+
+def tokenizer_json(tok):
+    """data.Tokenizer -> the dict of a tokenizer.json (see the module docstring for the pipeline)."""
+    if len(set(tok.tokens)) != len(tok.tokens):
+        # Hugging Face's vocabulary maps strings to ids, so two ids with one string cannot both exist there.
+        # Our BPE merges id pairs and could in principle build one string twice; measured: no such pair in
+        # the 16k and 40k BabyLM vocabularies (a merge (A, BC) needs BC to form before AB, (AB, C) the reverse)
+        dup = next(t for i, t in enumerate(tok.tokens) if t in tok.tokens[:i])
+        raise ExportError(f"the tokenizer has two tokens spelled {dup!r}, which a Hugging Face vocabulary cannot hold")
+    space, pretoken = hf_patterns()
+    regex = lambda p: {"Regex": p}
+    specials = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True} for i, s in enumerate(data.SPECIALS)]
+    part = lambda kind, name, type_id: {kind: {"id": name, "type_id": type_id}}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": regex(space), "content": "▁"},
+            {"type": "Replace", "pattern": regex(r"\A\x{2581}|\x{2581}\z"), "content": ""},
+            {"type": "Prepend", "prepend": "▁"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": regex(pretoken), "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": regex(rf"[\s\S]{{1,{data.MAX_PRETOKEN}}}"), "behavior": "Isolated", "invert": False}]},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [part("SpecialToken", "[CLS]", 0), part("Sequence", "A", 0), part("SpecialToken", "[SEP]", 0)],
+            "pair": [part("SpecialToken", "[CLS]", 0), part("Sequence", "A", 0), part("SpecialToken", "[SEP]", 0),
+                     part("Sequence", "B", 1), part("SpecialToken", "[SEP]", 1)],
+            "special_tokens": {s: {"id": s, "ids": [i], "tokens": [s]} for s, i in (("[CLS]", data.CLS), ("[SEP]", data.SEP))}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "[UNK]", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tok.tokens)},
+                  "merges": [[tok.tokens[a], tok.tokens[b]] for a, b in tok.merges]},
+    }
+
+
+def tokenizer_files(tok):
+    """{file name: JSON text} of the fast tokenizer. tokenizer_class PreTrainedTokenizerFast loads in transformers
+    4.51 and 5.x alike; split_special_tokens makes a literal "[MASK]" in the text plain text, as in data.Tokenizer."""
+    names = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "model_max_length": MAX_LENGTH,
+              "model_input_names": ["input_ids", "attention_mask"], "padding_side": "right",
+              "clean_up_tokenization_spaces": False, "split_special_tokens": True}
+    dump = lambda d: json.dumps(d, ensure_ascii=False, indent=1) + "\n"
+    return {"tokenizer.json": json.dumps(tokenizer_json(tok), ensure_ascii=False), "tokenizer_config.json": dump(config),
+            "special_tokens_map.json": dump(names)}
+
+
+# -----------------------------------------------------------------------------
+# the weights as safetensors, without the safetensors package
+
+DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+def write_safetensors(tensors, path):
+    """Write {name: tensor} as safetensors: 8-byte little-endian header length, JSON header of dtypes, shapes and
+    byte ranges (padded with spaces to a multiple of 8), then the raw little-endian bytes back to back.
+    Example: {"a": torch.zeros(2)} -> 8-byte length, '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', 8 zero bytes"""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+
+
+# -----------------------------------------------------------------------------
+# the folder
+
+def config_json(cfg, ckpt):
+    """config.json: the ModelConfig fields under their own names, plus what transformers needs to find the code."""
+    auto = {"AutoConfig": "AmlmConfig", "AutoModel": "AmlmModel", "AutoModelForMaskedLM": "AmlmForMaskedLM",
+            "AutoModelForSequenceClassification": "AmlmForSequenceClassification"}
+    return {"architectures": ["AmlmForMaskedLM"], "model_type": "amlm",
+            "auto_map": {k: f"{Path(MODELING).stem}.{v}" for k, v in auto.items()}, **cfg,
+            "pad_token_id": data.PAD, "cls_token_id": data.CLS, "sep_token_id": data.SEP, "mask_token_id": data.MASK,
+            "tie_word_embeddings": False, "torch_dtype": "float32",
+            "amlm_step": ckpt.get("step"), "amlm_words_seen": ckpt.get("words_seen")}
+
+
+def write_folder(ckpt_path, folder):
+    """Write the Hugging Face files of one checkpoint into folder (which must exist and be empty)."""
+    ckpt, cfg, tok = load(ckpt_path)
+    files = tokenizer_files(tok)
+    files["config.json"] = json.dumps(config_json(cfg, ckpt), indent=1) + "\n"
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    shutil.copyfile(HERE / MODELING, folder / MODELING)
+    sd = ckpt["model"]  # the head model's keys: the encoder under "amlm.", the output bias beside it
+    write_safetensors({(k if k == "out_bias" else "amlm." + k): sd[k] for k in expected_shapes(cfg)},
+                      folder / "model.safetensors")
+
+
+def milestones(run_dir):
+    """[(checkpoint, revision name)] of a run folder, in order of words seen: ckpt_<N>M.pt -> chck_<N>M (the
+    pipeline's revision names), latest.pt -> main. Example: [ckpt_2M.pt, ckpt_10M.pt, latest.pt] ->
+    [(ckpt_2M.pt, "chck_2M"), (ckpt_10M.pt, "chck_10M"), (latest.pt, "main")]"""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"run folder {run_dir} does not exist")
+    found = [(int(m[1]), p) for p in run_dir.iterdir() if (m := re.fullmatch(r"ckpt_(\d+)M\.pt", p.name))]
+    pairs = [(p, f"chck_{n}M") for n, p in sorted(found)]
+    if (run_dir / "latest.pt").is_file():
+        pairs.append((run_dir / "latest.pt", "main"))
+    if not pairs:
+        raise ExportError(f"{run_dir} holds no ckpt_<N>M.pt or latest.pt")
+    return pairs
+
+
+def export(source, out_dir, force=False, all_milestones=False, quiet=False):
+    """Export a checkpoint (or, with all_milestones, a run folder) into out_dir. Everything is written into a
+    temporary folder beside it and renamed into place at the end, so a failure leaves no half-written export.
+    Example: export("out/run", "hf/run", all_milestones=True) -> ["hf/run/chck_1M", ..., "hf/run/main"]"""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not force:
+        raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    jobs = milestones(source) if all_milestones else [(Path(source), None)]
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for ckpt, name in jobs:
+            t0, folder = time.time(), tmp / name if name else tmp
+            folder.mkdir(exist_ok=True)
+            write_folder(ckpt, folder)
+            if not quiet:
+                print(f"{ckpt} -> {out_dir / name if name else out_dir} ({time.time() - t0:.1f} s)", file=sys.stderr)
+        old = out_dir.with_name(f"{out_dir.name}.old{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)  # replaced only now that the new export is complete
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise ExportError(f"cannot write {out_dir} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out_dir / name if name else out_dir for _, name in jobs]
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Export an amlm checkpoint in Hugging Face format (for the BabyLM pipeline).")
+    ap.add_argument("source", help="a train.py checkpoint (.pt), or with --milestones a run folder")
+    ap.add_argument("out_dir", help="the folder to write (refused if it exists and is not empty, unless --force)")
+    ap.add_argument("--milestones", action="store_true", help="export every ckpt_<N>M.pt as chck_<N>M/ and latest.pt as main/")
+    ap.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    args = ap.parse_args(argv)
+    try:
+        export(args.source, args.out_dir, args.force, args.milestones)
+    except (ExportError, DataError) as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
