@@ -69,6 +69,8 @@ def load(path):
     """A train.py checkpoint -> (checkpoint dict, config dict, Tokenizer), or ExportError.
     Example: load("out/run/latest.pt") -> ({"model": {...}, "step": 1000, ...}, {"vocab_size": 16384, ...}, Tokenizer)"""
     path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; pass --milestones to export a run folder's checkpoints")
     if not path.is_file():
         raise ExportError(f"checkpoint {path} does not exist")
     try:  # mmap: a latest.pt also holds the optimizer state, which we never touch
@@ -83,7 +85,7 @@ def load(path):
     except (TypeError, DataError) as e:
         raise ExportError(f"{path} does not match this version of model.py/data.py: {str(e).splitlines()[0]}")
     want, sd = expected_shapes(cfg), ckpt["model"]
-    got = {k: tuple(v.shape) for k, v in sd.items()} if isinstance(sd, dict) else {}
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in sd.items()} if isinstance(sd, dict) else {}
     if got != want or tok.vocab_size != cfg["vocab_size"]:
         bad = sorted(set(want.items()) ^ set(got.items()))[:1] or [("vocab_size", tok.vocab_size)]
         raise ExportError(f"{path} does not match this version of model.py/data.py (first mismatch: {bad[0][0]})")
@@ -231,7 +233,7 @@ def milestones(run_dir):
     [(ckpt_2M.pt, "chck_2M"), (ckpt_10M.pt, "chck_10M"), (latest.pt, "main")]"""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ExportError(f"run folder {run_dir} does not exist")
+        raise ExportError(f"run folder {run_dir} does not exist" if not run_dir.exists() else f"{run_dir} is not a folder")
     found = [(int(m[1]), p) for p in run_dir.iterdir() if (m := re.fullmatch(r"ckpt_(\d+)M\.pt", p.name))]
     pairs = [(p, f"chck_{n}M") for n, p in sorted(found)]
     if (run_dir / "latest.pt").is_file():

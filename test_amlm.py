@@ -1436,8 +1436,11 @@ def test_export_classifier_fine_tunes_both_embedding_tables(hf_dir):
     assert enc.tok.weight.grad.abs().sum() > 0 and enc.sub.weight.grad.abs().sum() > 0  # N-hot keeps training
 
 
-def test_export_safetensors_and_config(hf_ckpt, hf_dir):
-    st = pytest.importorskip("safetensors.torch")  # comes with transformers: an independent reader of our writer
+def test_export_safetensors_config_and_processor(hf_ckpt, hf_dir, hf_tok):
+    tf = _transformers()
+    proc = tf.AutoProcessor.from_pretrained(hf_dir, padding_side="right", trust_remote_code=True)  # as the pipeline
+    assert proc(text="The dog 🦊.")["input_ids"] == hf_tok("The dog 🦊.")["input_ids"]
+    import safetensors.torch as st  # comes with transformers: an independent reader of our writer
     ck = torch.load(hf_ckpt, weights_only=True)
     tensors = st.load_file(hf_dir / "model.safetensors")
     assert {k.removeprefix("amlm."): v for k, v in tensors.items()}.keys() == ck["model"].keys()
