@@ -16,7 +16,7 @@ In a training loop:
     for step in range(total_steps):
         inputs, labels = am.mask(batch, rate=mask_rate(step, total_steps, 0.40, 0.15), generator=g)
         logits, loss = model(inputs, labels=labels)   # logits (n_labelled, V)
-        am.observe(labels, logits, inputs)            # statistics, no grad, a few ms
+        am.observe(labels, logits, inputs)            # statistics, no grad
         loss.backward(); opt.step(); opt.zero_grad()
         am.step()                                     # every update_every steps: new weights
 
@@ -37,13 +37,13 @@ BUCKET_LABELS = ("1-10", "11-100", "101-1k", "1k-10k", ">10k")
 # helpers: a table lookup, top-1 hits, the mask-rate schedule
 
 def lookup(table, ids):
-    """table[ids] for a 1-D table. index_select, because on a busy CPU the advanced-indexing kernel
-    can wait milliseconds for a second thread even on a 32x128 batch. Example: lookup(w, [[2, 0]]) -> [[w2, w0]]."""
+    """table[ids] for a 1-D table, as index_select: on a busy CPU the advanced-indexing kernel can wait for a
+    second thread even on a small batch. Example: lookup(w, [[2, 0]]) -> [[w2, w0]]."""
     return table.index_select(0, ids.reshape(-1)).view(ids.shape)
 
 def top1_hits(logits, y):
     """(n,) bool: is the target's logit the row maximum? A tie (more likely in bf16) counts as right.
-    amax is a plain vectorised reduction, ~20x faster on CPU than argmax over (n, 16384) logits.
+    amax is a plain vectorised reduction, much cheaper on CPU than argmax over (n, V) logits.
     Example: logits [[1., 3.], [2., 0.]], y [1, 1] -> [True, False]"""
     return logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)
 
@@ -81,8 +81,8 @@ class AMLM:
             raise ValueError(f"rate must lie in (0, 1), got {rate}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if not 0 <= ema <= 1:
-            raise ValueError(f"ema must lie in [0, 1], got {ema}")
+        if not 0 <= ema < 1:
+            raise ValueError(f"ema must lie in [0, 1), got {ema}")
         if int(update_every) < 1:
             raise ValueError(f"update_every must be at least 1, got {update_every}")
         if not 0 < min_weight <= rate:

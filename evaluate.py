@@ -12,33 +12,26 @@ by [MASK]; the log-softmax of the true token at that position (temperature 1), s
 is fairer to words split into several tokens. All copies of all sentences go through the model
 in large length-sorted batches, and the head is computed only at the masked position.
 
-    python evaluate.py out/run/latest.pt ../shared/data/blimp_fast --out results.json
+    python evaluate.py out/run/latest.pt evaluation_data/fast_eval/blimp_fast --out results.json
     python evaluate.py CKPT blimp/ wug.jsonl --pll word-l2r --limit 50 --device cpu
 
 A PATH is a .jsonl file or a directory of them; the format is told by each file's fields.
-Speed: BLiMP-fast (13,400 pairs = 269,682 masked copies) takes 76-120 s with the untrained `tiny`
-model on the 2-core development CPU (bf16 on AMX; fp32 about 2.5x slower), other jobs sharing the cores.
 """
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-# OpenMP threads that spin while waiting stall whenever another process holds a core: on this 2-core
-# machine, with one other busy job, BLiMP-fast took 4-5x longer than with passive waiting. Read once, when
-# torch loads, so this only acts when evaluate.py is run or imported first; a user's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from data import CLS, MASK, PAD, SEP, DataError, Tokenizer
-from model import MaskedLM, ModelConfig
+from model import MaskedLM, ModelConfig, pick_device, pick_dtype
 
 PLL_VARIANTS = ("standard", "word-l2r")
 FORMATS = {  # format -> fields that identify it (and must be on every line)
@@ -96,17 +89,12 @@ def tokenize(tokenizer, prefix, completion, pll="standard"):
         first += 1
     return ids, [0] * first + spans[first:]
 
-def use_bf16(device, precision="auto"):
-    """Whether to run under bf16 autocast: "auto" = on CUDA with bf16, or on a CPU with AMX tiles.
-    Example: use_bf16(torch.device("cpu"), "fp32") -> False"""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise EvalError(f"precision must be auto, fp32 or bf16, not {precision!r}")
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private API: absent -> no bf16
-    return device.type == "cpu" and amx is not None and amx()
+def checked_dtype(device, precision):
+    """model.pick_dtype, its complaint as an EvalError. Example: (cpu, "fp16") -> EvalError."""
+    try:
+        return pick_dtype(device, precision)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 @contextmanager
 def frozen_embeddings(model):
@@ -140,7 +128,7 @@ def pll_scores(model, candidates, batch_size=256, device=None, precision="auto",
     scores = np.zeros(len(candidates))
     was_training = model.training
     model.eval()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, precision) else nullcontext()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if checked_dtype(device, precision) == "bf16" else nullcontext()
     bar = tqdm(total=len(order), unit="copy", disable=not progress, desc="PLL")
     try:
         # no_grad, not inference_mode: what the model caches while scoring (its RoPE tables) must stay
@@ -363,20 +351,9 @@ def evaluate_paths(model, tokenizer, paths, batch_size=256, device=None, pll="st
         results[name] = task_result(fmt, items, item_scores)
     finite = [r["score"] for r in results.values() if math.isfinite(r["score"])]  # a constant WUG rho is nan
     overall = sum(finite) / len(finite) if finite else float("nan")
-    return {"pll": pll, "precision": "bf16" if use_bf16(device, precision) else "fp32", "tasks": results,
+    return {"pll": pll, "precision": checked_dtype(device, precision), "tasks": results,
             "overall": overall, "skipped": skipped, "candidates": len(candidates),
             "copies": sum(1 for _, spans in candidates for k in spans if k), "seconds": round(time.time() - t0, 2)}
-
-def blimp_accuracy(model, tokenizer, path, batch_size=256, device=None, pll="standard", precision="auto",
-                   limit=None, progress=False):
-    """Macro accuracy (%) over the UIDs of the minimal-pair files under path (for train.py's checkpoints).
-    Example: blimp_accuracy(model, tok, "../shared/data/blimp_fast") -> 55.07 (an untrained N-hot tiny model)"""
-    res = evaluate_paths(model, tokenizer, [path], batch_size, device, pll, precision, limit,
-                         formats=("minimal_pairs",), progress=progress)
-    uids = [u["score"] for t in res["tasks"].values() for u in t["by_uid"].values()]
-    if not uids:
-        raise EvalError(f"{path} holds no minimal-pair files")
-    return sum(uids) / len(uids)
 
 # -----------------------------------------------------------------------------
 # command line
@@ -402,16 +379,6 @@ def json_safe(obj):
         return [json_safe(v) for v in obj]
     return obj
 
-def resolve_device(name):
-    """"auto" -> cuda if there is a GPU else cpu; other names checked. Example: "cpu" -> device(type='cpu')"""
-    try:
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
-    except RuntimeError:
-        raise EvalError(f"unknown device {name!r} (use auto, cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"device {name} asked for, but no CUDA GPU is available")
-    return device
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Zero-shot BabyLM-style evaluation of an amlm checkpoint by PLL.")
     ap.add_argument("checkpoint", help="a train.py checkpoint (.pt)")
@@ -420,7 +387,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=256, help="masked copies per forward pass")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     ap.add_argument("--pll", default="standard", choices=PLL_VARIANTS, help="word-l2r: Kauf & Ivanova 2023")
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on AMX CPUs and CUDA")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 where it is native (AMX or AVX512-BF16 CPUs, bf16 GPUs)")
     ap.add_argument("--limit", type=int, help="score only the first N items of each file (quick looks)")
     ap.add_argument("--threads", type=int, help="CPU threads (1 can beat 2 when other jobs share the cores)")
     args = ap.parse_args(argv)
@@ -429,7 +396,10 @@ def main(argv=None):
             raise EvalError("--batch-size, --limit and --threads must be positive")
         if args.threads:
             torch.set_num_threads(args.threads)
-        device = resolve_device(args.device)
+        try:
+            device = pick_device(args.device)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
         model, tokenizer, ckpt = load_checkpoint(args.checkpoint, device)
         res = evaluate_paths(model, tokenizer, args.paths, args.batch_size, device, args.pll, args.precision, args.limit)
     except (EvalError, DataError) as e:
