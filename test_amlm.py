@@ -4,7 +4,7 @@ Run: python -m pytest -q test_amlm.py   (speed targets live in the README and be
 """
 import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall badly when cores are shared
-import json, math, random, signal, subprocess, sys, time, urllib.error, zipfile
+import json, math, random, shutil, signal, subprocess, sys, time, urllib.error, zipfile
 from collections import Counter
 from dataclasses import asdict
 
@@ -819,6 +819,55 @@ def test_ctrl_c_saves_latest(data_dir, tmp_path):
     assert "Traceback" not in out
     ck = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert ck["step"] >= 10
+
+
+# -----------------------------------------------------------------------------
+# train.py under torchrun: the same run on 1 or 2 processes, with or without gradient accumulation
+
+DDP = ["--dropout", "0", "--amlm-update-every", "3", "--max-steps", "10"]  # fp32 (SMALL), no dropout: comparable
+
+def torchrun(args, data_dir, out):
+    """train.py on two CPU processes (gloo), launched as a user would."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "train.py")] + SMALL + DDP + ["--data-dir", data_dir, "--out", str(out)] + args
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return torch.load(out / "latest.pt", weights_only=True)
+
+def assert_same_run(a, b, tol):
+    assert a["step"] == b["step"] and a["batches"] == b["batches"]  # the same global data position
+    for k, v in a["model"].items():
+        assert (v - b["model"][k]).abs().max() <= tol, k
+
+def test_torchrun_and_grad_accum_give_the_single_process_run(data_dir, tmp_path):
+    # 2 processes x 1 micro-step, and 1 process x 2 micro-steps, against 1 process x 1: every row gets the same
+    # mask (drawn on the global batch everywhere), and the loss is the mean over the global batch's targets, so the
+    # final parameters agree to float rounding (1e-5: the summation order of the gradients differs)
+    one = run(DDP, data_dir, tmp_path / "one")
+    two = torchrun([], data_dir, tmp_path / "two")
+    acc = run(DDP + ["--grad-accum", "2"], data_dir, tmp_path / "acc")
+    assert_same_run(one, two, 1e-5)
+    assert_same_run(one, acc, 1e-5)
+    # AMLM.all_reduce summed the statistics before each of the 3 updates: both processes held the same weights
+    digests = [r["amlm_weights"] for r in two["rng"]["ranks"]]
+    assert len(digests) == 2 and digests[0] == digests[1] and two["amlm"]["updates"] == 3
+    assert json.load(open(tmp_path / "two" / "summary.json"))["processes"] == 2
+    assert not (tmp_path / "two" / "log.txt").read_text().count("done:") > 1  # one writer: rank 0
+    # resuming under torchrun is bit-exact; resuming the same checkpoint on one process continues the same run
+    torchrun(["--stop-after", "5"], data_dir, tmp_path / "half")
+    shutil.copytree(tmp_path / "half", tmp_path / "half1")
+    assert_same_run(two, torchrun(["--resume", str(tmp_path / "half")], data_dir, tmp_path / "half"), 0.0)
+    train.main(["--resume", str(tmp_path / "half1"), "--data-dir", data_dir])
+    assert_same_run(two, torch.load(tmp_path / "half1" / "latest.pt", weights_only=True), 1e-5)
+
+def test_batches_that_do_not_split_are_refused(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        train.main(SMALL + ["--grad-accum", "3"])  # 512 tokens = 16 sequences of 32: not 3 micro-steps
+    assert "do not split evenly over 1 process(es) x --grad-accum 3" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    with pytest.raises(SystemExit):
+        train.main(SMALL)
+    assert "over 5 process(es)" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------

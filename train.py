@@ -9,13 +9,17 @@ of the 10 M-word strict-small corpus, sequences of 64 then 256 tokens at 16,384 
     python train.py --corpus babylm_10M                                   # the paper recipe (overnight on CPU)
     python train.py --corpus synthetic --size tiny --max-steps 200        # a one-minute smoke test
     python train.py --resume out/run                                      # continue exactly where it stopped
+    torchrun --nproc_per_node 4 train.py --corpus babylm_10M              # data parallel: the same run on 4 GPUs
 
 The run folder holds latest.pt, ckpt_<N>M.pt (N = million words seen), summary.json, log.txt, amlm.csv.
 """
-import argparse, csv, json, math, os, resource, signal, sys, time
+import argparse, csv, datetime, hashlib, json, math, os, resource, signal, sys, time
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
@@ -65,7 +69,8 @@ def get_parser():
     a("--stop-after", type=positive(int), default=None,
       help="save latest.pt and stop after this many steps in this sitting (resume later)")
     a("--batch-tokens", type=positive(int), default=None,
-      help="tokens per optimizer step (default: 16384; 4096 for synthetic)")
+      help="tokens per optimizer step, over all processes (default: 16384; 4096 for synthetic)")
+    a("--grad-accum", type=positive(int), default=1, help="micro-steps per optimizer step in each process")
     a("--seq-len", default="64,256",
       help="sequence lengths, comma-separated, each used for an equal share of the steps")
     a("--lr", type=positive(float), default=1e-3, help="peak learning rate (AdamW)")
@@ -107,7 +112,7 @@ def milestones_words():
 # -----------------------------------------------------------------------------
 # setup: flags -> a run
 
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "eval_blimp", "fast")
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "eval_blimp", "fast", "grad_accum")
 
 def parse_args(argv=None):
     """The flags, checked and completed; with --resume, the saved run's flags (and its latest.pt) instead,
@@ -133,9 +138,12 @@ def parse_args(argv=None):
         assert all(t > 0 for t in args.seq_lens)
     except (ValueError, AssertionError):
         p.error(f"--seq-len must be positive integers separated by commas, got {args.seq_len!r}")
-    block = max(args.seq_lens)
+    block, world = max(args.seq_lens), int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
     if any(block % t for t in args.seq_lens) or args.batch_tokens % block:
         p.error(f"every --seq-len must divide {block}, and --batch-tokens ({args.batch_tokens}) must be a multiple of it")
+    if (args.batch_tokens // block) % (world * args.grad_accum):
+        p.error(f"--batch-tokens {args.batch_tokens} makes {args.batch_tokens // block} sequences of {block} per step, "
+                f"which do not split evenly over {world} process(es) x --grad-accum {args.grad_accum}")
     if args.vocab_size is None:
         args.vocab_size = 40000 if args.size == "paper" else 16384
     shape = {**SIZES[args.size], **{k: getattr(args, k) for k in ("n_layer", "n_head", "d_model", "d_ff") if getattr(args, k)}}
@@ -164,19 +172,58 @@ def build(args, shape, d):
     amlm15 = AMLM(V, specials, data.MASK, rate=0.15, metric="uniform").to(args.device)
     return model, opt, amlm, amlm15
 
-def restore(resume, d, model, opt, amlm, batches, gen):
-    """Load a latest.pt into the run's objects and RNGs; returns its step."""
+def init_distributed(args):
+    """Under torchrun (WORLD_SIZE is set): join the process group, gloo on CPU and nccl on CUDA with one GPU per
+    process, and return (rank, world size); plain `python train.py` -> (0, 1), no process group."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if args.device == "cuda":
+        if local >= torch.cuda.device_count():
+            sys.exit(f"error: process {rank} needs GPU {local}, but this machine has {torch.cuda.device_count()}; "
+                     f"start at most one process per GPU")
+        torch.cuda.set_device(local)  # "cuda" now means this process's GPU
+    # generous timeout: the other processes wait for rank 0 while it writes checkpoints or scores --eval-blimp
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+    return rank, world
+
+def accumulate(model, amlm, inputs, labels, rank, world, micro, autocast):
+    """Forward and backward over this process's rows of the global batch, in `micro` micro-batches, so that the
+    summed gradient (DDP averages it over processes) is that of the mean loss over ALL targets of the global
+    batch: a micro-batch with k of the N targets weighs its mean loss by k / N. Returns (that global loss, the
+    last micro-batch's logits and labels). Example: targets 3 + 1 on 2 processes, mean losses 2.0 and 6.0 ->
+    (3 * 2.0 + 1 * 6.0) / 4 = 3.0, not (2.0 + 6.0) / 2."""
+    n = int((labels != -100).sum())  # every process masked the whole global batch: N is known everywhere
+    rows = slice(rank * len(labels) // world, (rank + 1) * len(labels) // world)  # this process's rows
+    total = torch.zeros((), dtype=torch.float64)
+    for i, (inp, lab) in enumerate(zip(inputs[rows].chunk(micro), labels[rows].chunk(micro))):
+        sync = world == 1 or i == micro - 1  # DDP all-reduces the gradients on the last micro-batch only
+        with nullcontext() if sync else model.no_sync(), autocast:
+            logits, loss = model(inp, labels=lab)
+        k = int((lab != -100).sum())
+        (loss * (k * world / max(n, 1))).backward()
+        amlm.observe(lab, logits.detach(), inp)
+        total += loss.detach().double().cpu() * k
+    return total / max(n, 1), logits, lab
+
+def restore(resume, d, model, opt, amlm, batches, gen, rank=0, world=1):
+    """Load a latest.pt into the run's objects and RNGs; returns its step. Each process gets its own dropout RNG
+    back when the world size is the one saved (else a fresh one: resuming on another world size is not bit-exact)."""
     same = lambda c: {k: v for k, v in c.items() if k != "fast"}  # fast is a way to run, not part of the model
     if same(resume["config"]) != same(asdict(model.config)) or resume["tokenizer"] != d.tokenizer.to_json():
         sys.exit(f"error: {resume['args']['out']} was trained with another model shape or tokenizer; refusing to resume")
     model.load_state_dict(resume["model"])
     opt.load_state_dict(resume["optimizer"])
-    amlm.load_state_dict(resume["amlm"])
+    amlm.load_state_dict(resume["amlm"], stats=rank == 0)  # the saved statistics are the sum over all processes
     batches.load_state_dict(resume["batches"])
     gen.set_state(resume["rng"]["mask"])
-    torch.set_rng_state(resume["rng"]["torch"])
-    if gen.device.type == "cuda" and resume["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(resume["rng"]["cuda"])
+    per_rank = resume["rng"].get("ranks") or [{"torch": resume["rng"]["torch"], "cuda": resume["rng"].get("cuda")}]
+    if len(per_rank) == world:
+        torch.set_rng_state(per_rank[rank]["torch"])
+        if gen.device.type == "cuda" and per_rank[rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(per_rank[rank]["cuda"])
+    else:
+        torch.manual_seed(hash((resume["args"]["seed"], rank, resume["step"])) % 2**63)
     return resume["step"]
 
 # -----------------------------------------------------------------------------
@@ -187,15 +234,22 @@ def save_atomic(obj, path):
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a crash mid-write leaves the old file intact, never a truncated one
 
-def save_checkpoint(out, step, words, args, model, opt, amlm, batches, gen, tokenizer, milestone=None):
+def save_checkpoint(out, step, words, args, model, opt, amlm, batches, gen, tokenizer, milestone=None, rank=0):
     """latest.pt: everything an exact resume needs. With a milestone (words), also ckpt_<N>M.pt: what evaluation
-    needs, without the optimizer."""
+    needs, without the optimizer. Every process calls it (it gathers their RNGs and AMLM statistics); rank 0 writes."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if gen.device.type == "cuda" else None}
+    ranks, amlm_state = [rng], amlm.state_dict()
+    if dist.is_initialized():  # each process's dropout RNG, and a digest of its masking weights (all must agree)
+        ranks = [None] * dist.get_world_size()
+        digest = hashlib.blake2b(amlm.weights.cpu().numpy().tobytes(), digest_size=8).hexdigest()
+        dist.all_gather_object(ranks, {**rng, "amlm_weights": digest})
+    if rank != 0:
+        return
     state = {"model": model.state_dict(), "config": asdict(model.config), "tokenizer": tokenizer.to_json(),
              "args": {k: v for k, v in vars(args).items() if k != "seq_lens"}, "step": step,
              "tokens_seen": step * args.batch_tokens, "words_seen": words,
-             "optimizer": opt.state_dict(), "amlm": amlm.state_dict(), "batches": batches.state_dict(),
-             "rng": {"mask": gen.get_state(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state() if gen.device.type == "cuda" else None}}
+             "optimizer": opt.state_dict(), "amlm": amlm_state, "batches": batches.state_dict(),
+             "rng": {"mask": gen.get_state(), **rng, "ranks": ranks}}
     save_atomic(state, os.path.join(out, "latest.pt"))
     if milestone is not None:
         keep = ("model", "config", "tokenizer", "args", "step", "tokens_seen", "words_seen")
@@ -221,16 +275,17 @@ def append_csv(path, row):
 class Progress:
     """The progress bar, log.txt, and the steady-state throughput (the first steps of a sitting warm up)."""
 
-    def __init__(self, out, step, total, batch_tokens):
-        self.file = open(os.path.join(out, "log.txt"), "a")
-        self.bar = tqdm(total=total, initial=step, dynamic_ncols=True, disable=None)
+    def __init__(self, out, step, total, batch_tokens, world=1, active=True):
+        self.file = open(os.path.join(out, "log.txt"), "a") if active else None  # only rank 0 shows and writes
+        self.bar = tqdm(total=total, initial=step, dynamic_ncols=True, disable=None if active else True)
         self.first, self.total, self.batch_tokens = step, total, batch_tokens
-        self.seconds, self.tokens, self.acc = 0.0, 0, None
+        self.seconds, self.tokens, self.acc, self.world = 0.0, 0, None, world
 
     def log(self, msg):
-        tqdm.write(msg)
-        self.file.write(msg + "\n")
-        self.file.flush()
+        if self.file:
+            tqdm.write(msg)
+            self.file.write(msg + "\n")
+            self.file.flush()
 
     def tokens_per_second(self):
         return self.tokens / self.seconds if self.seconds else None
@@ -242,7 +297,8 @@ class Progress:
         if step - self.first > 3:
             self.seconds, self.tokens = self.seconds + seconds, self.tokens + self.batch_tokens
         tps = self.tokens_per_second() or self.batch_tokens / seconds
-        self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{self.acc:.3f}", rate=f"{rate:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{self.acc:.3f}", rate=f"{rate:.3f}", lr=f"{lr:.2e}",
+                             tok_s=f"{tps:,.0f}", **({"procs": self.world} if self.world > 1 else {}))
         self.bar.update(1)
         if step == 10 or step % 100 == 0:
             eta = (self.total - step) * self.batch_tokens / tps
@@ -251,12 +307,14 @@ class Progress:
 
     def close(self):
         self.bar.close()
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 def summary(step, total, words, losses, progress, start, args, model):
     return {"steps": step, "total_steps": total, "tokens_seen": step * args.batch_tokens, "words_seen": words,
             **losses, "tokens_per_second": progress.tokens_per_second(), "wall_seconds": time.time() - start,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "device": args.device,
+            "processes": dist.get_world_size() if dist.is_initialized() else 1,
             "dtype": args.dtype, "parameters": model.num_params(), "parameters_without_embeddings": model.num_params(False),
             "model_config": asdict(model.config), "config": {k: v for k, v in vars(args).items()}}
 
@@ -287,44 +345,76 @@ def blimp_line(model, tokenizer, args, words):
     return f"BLiMP macro accuracy {res['overall']:.2f} at {words // 1_000_000}M words"
 
 
+def prepare_data(args, rank):
+    """data.prepare; under torchrun rank 0 builds the tokenizer and cache first while the others wait."""
+    if rank != 0:
+        dist.barrier()  # until rank 0's cache is complete
+    try:
+        d = data.prepare(args.corpus, args.data_dir, args.vocab_size, quiet=rank != 0)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    if rank == 0 and dist.is_initialized():
+        dist.barrier()
+    return d
+
+def make_run_folder(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create the run folder {out} ({e.strerror})")
+
+def log_header(log, args, d, model, total, words, out, world):
+    log(f"config: {json.dumps(vars(args))}")
+    log(f"data: {len(d.train):,} train tokens ({d.n_train_words:,} words), {len(d.val):,} validation tokens, vocab "
+        f"{d.tokenizer.vocab_size}, {len(d.units) if args.nhot else 0} sub-token units")
+    log(f"model: {model.num_params() / 1e6:.2f} M parameters ({model.num_params(False) / 1e6:.2f} M without embeddings); "
+        f"device {args.device}, dtype {args.dtype}, {world} process(es) x {args.grad_accum} micro-step(s); {total} steps "
+        f"of {args.batch_tokens} tokens ({words / 1e6:.1f} M words seen); run folder {out}")
+
+def agree(loss, interrupted, device):
+    """Under torch.distributed, one all-reduce: the global loss (each process holds its share), and whether any
+    process was interrupted (then all stop after this step). Without it: the loss as a float."""
+    if not dist.is_initialized():
+        return float(loss)
+    t = torch.tensor([float(loss), float(bool(interrupted))], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    if t[1] > 0 and not interrupted:
+        interrupted.append(True)
+    return t[0].item()
+
 # -----------------------------------------------------------------------------
 # the run
 
 def main(argv=None):
     args, shape, resume = parse_args(argv)
+    rank, world = init_distributed(args)
     torch.manual_seed(args.seed)
-    try:
-        d = data.prepare(args.corpus, args.data_dir, args.vocab_size)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    batches = data.Batches(d.train, block_size=max(args.seq_lens), seed=args.seed)
+    d = prepare_data(args, rank)
+    batches = data.Batches(d.train, block_size=max(args.seq_lens), seed=args.seed)  # the same global stream everywhere
     epoch_tokens = batches.n_blocks * batches.block_size
     total = args.max_steps if args.max_steps is not None else int(args.epochs * epoch_tokens // args.batch_tokens)
     warmup = max(1, int(args.warmup * total) if args.warmup < 1 else int(args.warmup))
     words_at = lambda step: int(step * args.batch_tokens * d.n_train_words / max(1, d.n_train_tokens))
     model, opt, amlm, amlm15 = build(args, shape, d)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)  # all masking randomness
+    if world > 1:  # the same initial weights everywhere (DDP checks), but each process its own dropout stream
+        torch.manual_seed(hash((args.seed, rank)) % 2**63)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)  # all masking randomness, the same everywhere
     out = args.out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.corpus))}-{args.size}-{args.masking}")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: cannot create the run folder {out} ({e.strerror})")
-    step = restore(resume, d, model, opt, amlm, batches, gen) if resume else 0
-    fmodel = torch.compile(model) if args.compile else model
+    if rank == 0:
+        make_run_folder(out)
+    step = restore(resume, d, model, opt, amlm, batches, gen, rank, world) if resume else 0
+    fmodel = DistributedDataParallel(model) if world > 1 else model
+    fmodel = torch.compile(fmodel) if args.compile else fmodel
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     milestones = [m for m in milestones_words() if m > words_at(step)]
-    progress, start = Progress(out, step, total, args.batch_tokens), time.time()
+    progress, start = Progress(out, step, total, args.batch_tokens, world, active=rank == 0), time.time()
     losses, log = {"train_loss": math.nan, "val_loss": math.nan}, progress.log
-    log(f"config: {json.dumps(vars(args))}")
-    log(f"data: {len(d.train):,} train tokens ({d.n_train_words:,} words), {len(d.val):,} validation tokens, vocab "
-        f"{d.tokenizer.vocab_size}, {len(d.units) if args.nhot else 0} sub-token units")
-    log(f"model: {model.num_params() / 1e6:.2f} M parameters ({model.num_params(False) / 1e6:.2f} M without embeddings); "
-        f"device {args.device}, dtype {args.dtype}; {total} steps of {args.batch_tokens} tokens "
-        f"({words_at(total) / 1e6:.1f} M words seen); run folder {out}")
+    log_header(log, args, d, model, total, words_at(total), out, world)
     save = lambda milestone=None: save_checkpoint(out, step, words_at(step), args, model, opt, amlm, batches, gen,
-                                                  d.tokenizer, milestone)
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # finish the step, save, exit
+                                                  d.tokenizer, milestone, rank)
+    interrupted = []  # Ctrl-C, or torchrun/a scheduler stopping us: finish the step, save, exit
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: interrupted.append(True))
     stop = min(total, step + args.stop_after) if args.stop_after is not None else total
     while step < stop and not interrupted:
         t0 = time.perf_counter()
@@ -332,25 +422,23 @@ def main(argv=None):
         p = mask_rate(step, total, args.mask_rate_start, args.mask_rate_end)
         for group in opt.param_groups:
             group["lr"] = lr
-        x = batches.next(args.batch_tokens, T).to(args.device, non_blocking=True)
+        x = batches.next(args.batch_tokens, T).to(args.device, non_blocking=True)  # (B, T): the global batch
         # --- the AMLM cycle: mask by difficulty -> predict -> record how hard each type was -> adapt ---
-        inputs, labels = amlm.mask(x, rate=p, generator=gen)
-        with autocast:
-            logits, loss = fmodel(inputs, labels=labels)
-        if not torch.isfinite(loss):
-            log(f"step {step}: the loss is {loss.item()}; stopping. {out}/latest.pt holds the last good state.")
+        inputs, labels = amlm.mask(x, rate=p, generator=gen)  # one mask per row, whatever the world size
+        loss, logits, labels = accumulate(fmodel, amlm, inputs, labels, rank, world, args.grad_accum, autocast)
+        loss = agree(loss, interrupted, args.device)  # the global loss; all processes stop together
+        if not math.isfinite(loss):
+            log(f"step {step}: the loss is {loss}; stopping. {out}/latest.pt holds the last good state.")
             sys.exit(1)
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        amlm.observe(labels, logits.detach(), inputs)
         amlm.step(rate=p)  # the weights follow the decaying rate, as in the paper
         step += 1
         # --- hooks: display, curriculum record, validation, milestone checkpoints ---
-        losses["train_loss"] = loss.item()
-        progress.step(step, losses["train_loss"], logits, labels, p, lr, time.perf_counter() - t0)
-        if amlm.steps % amlm.update_every == 0:
+        losses["train_loss"] = loss
+        progress.step(step, loss, logits, labels, p, lr, time.perf_counter() - t0)
+        if amlm.steps % amlm.update_every == 0 and rank == 0:
             append_csv(os.path.join(out, "amlm.csv"), {**amlm.diagnostics(d.tokenizer.tokens), "step": step, "mask_rate": p})
             log(f"step {step}: {amlm.summary(d.tokenizer.tokens)}")
         if args.eval_every and step % args.eval_every == 0 and step < total:
@@ -358,21 +446,24 @@ def main(argv=None):
             log(f"step {step}: validation loss {losses['val_loss']:.4f}")
         while milestones and words_at(step) >= milestones[0]:
             save(milestones[0])
-            if args.eval_blimp:
+            if args.eval_blimp and rank == 0:
                 log(f"step {step}: {blimp_line(model, d.tokenizer, args, milestones[0])}")
             milestones.pop(0)
-            write_json(summary(step, total, words_at(step), losses, progress, start, args, model), os.path.join(out, "summary.json"))
+            if rank == 0:
+                write_json(summary(step, total, words_at(step), losses, progress, start, args, model), f"{out}/summary.json")
     if step == total and not interrupted:
         losses["val_loss"] = evaluate_loss(model, d.val, amlm15, args, autocast)
         log(f"done: {step} steps, train loss {losses['train_loss']:.4f}, validation loss {losses['val_loss']:.4f}")
     save()
-    write_json(summary(step, total, words_at(step), losses, progress, start, args, model), os.path.join(out, "summary.json"))
+    if rank == 0:
+        write_json(summary(step, total, words_at(step), losses, progress, start, args, model), f"{out}/summary.json")
     if interrupted or step < total:
         log(f"{'interrupted' if interrupted else 'paused'} at step {step}; saved {out}/latest.pt (continue with --resume {out})")
     progress.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     if interrupted:
         sys.exit(130)
-
 
 if __name__ == "__main__":
     main()
