@@ -190,9 +190,9 @@ def init_distributed(args):
 def accumulate(model, amlm, inputs, labels, rank, world, micro, autocast):
     """Forward and backward over this process's rows of the global batch, in `micro` micro-batches, so that the
     summed gradient (DDP averages it over processes) is that of the mean loss over ALL targets of the global
-    batch: a micro-batch with k of the N targets weighs its mean loss by k / N. Returns (that global loss, the
-    last micro-batch's logits and labels). Example: targets 3 + 1 on 2 processes, mean losses 2.0 and 6.0 ->
-    (3 * 2.0 + 1 * 6.0) / 4 = 3.0, not (2.0 + 6.0) / 2."""
+    batch: a micro-batch with k of the N targets weighs its mean loss by k / N. Returns (this process's share of
+    that loss, which agree() sums; the last micro-batch's logits and labels). Example: 3 + 1 targets on 2
+    processes, mean losses 2.0 and 6.0 -> shares 1.5 and 1.5, global loss 3.0 (not (2.0 + 6.0) / 2)."""
     n = int((labels != -100).sum())  # every process masked the whole global batch: N is known everywhere
     rows = slice(rank * len(labels) // world, (rank + 1) * len(labels) // world)  # this process's rows
     total = torch.zeros((), dtype=torch.float64)
