@@ -39,10 +39,15 @@ MAX_PRETOKEN = 64  # longer pre-tokens are cut into 64-character chunks before B
                    # (a 5 MB word) would otherwise make every merge rescan it
 DOWNLOADS = {"babylm_10M": ("https://osf.io/download/5mk3x/", "dc67e5d2db96ed4f76cb072e2504a18c")}
 KNOWN = ["babylm_10M", "babylm_100M", "synthetic"]
+CHECK_BYTES = 256 << 20  # bytes hashed per cache file, larger files sampled: blake2b reads 330-700 MB/s here
 
 
 class DataError(Exception):
     """A user mistake (bad path, bad size, corrupt file); the message is one clear sentence."""
+
+
+class CacheError(DataError):
+    """A token cache that fails its check (missing, truncated or altered file): rebuilt, never loaded."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -500,6 +505,66 @@ def cache_key(files, vocab_size):
                                       MIN_CHAR_COUNT, VAL_EVERY]).encode()).hexdigest()[:16]
 
 
+def checksum(x, limit=CHECK_BYTES):
+    """blake2b (128 bits, hex) of the bytes of an array or a bytes object; one over `limit` bytes is hashed
+    over `limit` bytes of it, in 256 slices spread evenly, so checking a cache stays about as cheap as
+    loading it. Example: checksum(b"abc") == hashlib.blake2b(b"abc", digest_size=16).hexdigest()."""
+    b = memoryview(x if isinstance(x, bytes) else np.ascontiguousarray(x)).cast("B")
+    h = hashlib.blake2b(digest_size=16)
+    if len(b) <= limit:
+        h.update(b)
+    else:
+        size, stride = limit // 256, len(b) // 256
+        for i in range(256):
+            h.update(b[i * stride:i * stride + size])
+    return h.hexdigest()
+
+
+def load_cache(cache):
+    """(tokenizer, train, val, meta) of a cache folder, each file checked against meta.json's lengths and
+    checksums first; CacheError naming the first problem otherwise. Example: a train.npy cut short ->
+    CacheError("train.npy is unreadable (ValueError)")."""
+    try:
+        meta = json.loads((cache / "meta.json").read_text())
+    except FileNotFoundError:
+        raise CacheError("no meta.json") from None
+    except (OSError, ValueError):
+        raise CacheError("meta.json is unreadable") from None
+    checks = meta.get("checks") if isinstance(meta, dict) else None
+    if not isinstance(checks, dict):
+        raise CacheError("meta.json holds no checksums (an older version wrote it)")
+    arrays = {}
+    for name in ("train.npy", "val.npy"):
+        try:
+            arrays[name] = np.load(cache / name, mmap_mode="r")  # a truncated file fails here, before any use
+        except (OSError, ValueError, EOFError) as e:
+            raise CacheError(f"{name} is unreadable ({type(e).__name__})") from None
+        if arrays[name].ndim != 1 or arrays[name].dtype not in (np.uint16, np.int32):
+            raise CacheError(f"{name} is not a flat array of token ids")
+    try:
+        tok_bytes = (cache / "tokenizer.json").read_bytes()
+    except OSError:
+        raise CacheError("tokenizer.json is unreadable") from None
+    for name, x in (*arrays.items(), ("tokenizer.json", tok_bytes)):
+        if checks.get(name) != [len(x), checksum(x)]:
+            raise CacheError(f"{name} does not match the checksum in meta.json")
+    try:
+        tok = Tokenizer.from_json(tok_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, DataError) as e:
+        raise CacheError(f"tokenizer.json: {e}") from None
+    return tok, arrays["train.npy"], arrays["val.npy"], meta
+
+
+def _discard(cache):
+    """Move a failed cache out of the way at once (one rename), then delete it."""
+    trash = cache.with_name(f"{cache.name}.bad{os.getpid()}")
+    try:
+        os.replace(cache, trash)
+    except OSError:
+        pass  # another process moved it first
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _build_cache(files, vocab_size, cache, quiet):
     train, val, n_words = read_lines(files)
     if not train:
@@ -519,8 +584,10 @@ def _build_cache(files, vocab_size, cache, quiet):
         np.save(tmp / "train.npy", tr), np.save(tmp / "val.npy", va)
         tok.save(tmp / "tokenizer.json")
         meta = {"files": [str(f) for f in files], "lines": len(train), "words": n_words, "tokens": len(tr),
-                "val_lines": len(val), "val_tokens": len(va), "tokens_per_word": (len(tr) - 2 * len(train)) / n_words}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                "val_lines": len(val), "val_tokens": len(va), "tokens_per_word": (len(tr) - 2 * len(train)) / n_words,
+                "checks": {name: [len(x), checksum(x)] for name, x in  # lengths: items of an array, bytes of a file
+                           (("train.npy", tr), ("val.npy", va), ("tokenizer.json", (tmp / "tokenizer.json").read_bytes()))}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: the checks cover every other file
         if not (cache / "meta.json").exists():  # else another process finished first: keep its copy
             shutil.rmtree(cache, ignore_errors=True)  # an incomplete cache folder is never trusted
             os.replace(tmp, cache)
@@ -544,13 +611,20 @@ def prepare(corpus, data_dir="data", vocab_size=16384, quiet=False):
     files = resolve_corpus(corpus, data_dir, quiet)
     key = cache_key(files, vocab_size)
     cache = data_dir / "cache" / key
-    hit = (cache / "meta.json").exists()
-    if not hit:
+    try:
+        tok, train, val, info = load_cache(cache)
+        hit = True
+    except CacheError as e:
+        if cache.exists():  # a missing cache is a plain miss; a broken one is said, and never loaded
+            print(f"data: the token cache {cache} fails its check ({e}); rebuilding it", file=sys.stderr)
+            _discard(cache)
         _build_cache(files, vocab_size, cache, quiet)
-    tok = Tokenizer.load(cache / "tokenizer.json")
-    train, val = np.load(cache / "train.npy", mmap_mode="r"), np.load(cache / "val.npy", mmap_mode="r")
+        try:
+            tok, train, val, info = load_cache(cache)
+        except CacheError as e:  # a full disk, or another process breaking it meanwhile
+            raise DataError(f"the token cache {cache} fails its check right after being built ({e})") from None
+        hit = False
     table, units = tok.subtoken_table()
-    info = json.loads((cache / "meta.json").read_text())
     info.update(corpus=str(corpus), vocab_size=tok.vocab_size, units=len(units), cache_hit=hit,
                 seconds=round(time.time() - t0, 2), cache=str(cache))
     return Data(tok, train, val, table, units, info["words"], len(train), key, cache, info)
@@ -607,7 +681,8 @@ class Batches:
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Prepare a corpus: tokenizer, cached tokens, sub-token units.")
+    p = argparse.ArgumentParser(prog="data.py", description="Prepare a corpus: tokenizer, cached tokens, sub-token units.")
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
     p.add_argument("--corpus", required=True, help=f"a file, a folder, or one of {', '.join(KNOWN)}")
     p.add_argument("--data-dir", default="data", help="where downloads and caches go (default: data)")
     p.add_argument("--vocab-size", type=int, default=16384)

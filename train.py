@@ -11,9 +11,10 @@ of the 10 M-word strict-small corpus, sequences of 64 then 256 tokens at 16,384 
     python train.py --resume out/run                                      # continue exactly where it stopped
     torchrun --nproc_per_node 4 train.py --corpus babylm_10M              # data parallel: the same run on 4 GPUs
 
-The run folder holds latest.pt, ckpt_<N>M.pt (N = million words seen), summary.json, log.txt, amlm.csv.
+The run folder holds latest.pt, ckpt_<N>M.pt (N = million words seen), summary.json, log.txt, amlm.csv, and
+train.lock while a process uses it. A new run refuses a folder that holds one (--resume or --overwrite).
 """
-import argparse, csv, datetime, hashlib, json, math, os, resource, signal, sys, time
+import argparse, csv, datetime, functools, hashlib, json, math, os, re, resource, signal, socket, sys, time
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -44,50 +45,75 @@ non_negative = lambda kind: number(kind, 0, low_ok=True, what="non-negative")
 rate = number(float, 0, 1, what="a mask rate strictly between 0 and 1")
 fraction = number(float, 0, 1, low_ok=True, what="in [0, 1)")
 
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "stop_after", "device", "compile", "fast", "eval_blimp", "data_dir",
+                     "grad_accum")  # how to run, not what: the batch per optimizer step stays --batch-tokens
+RESUME_HELP = ("--resume RUN_DIR keeps every setting of the saved run. Only --max-steps, --epochs, --stop-after, "
+               "--device, --compile, --fast, --eval-blimp, --data-dir and --grad-accum may be given with it (and it "
+               "may run on another number of processes); any other flag that differs from the saved run is an error "
+               "that names it.")
+
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0], epilog=RESUME_HELP)
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
     a = p.add_argument
-    a("--corpus", default="babylm_10M", help="babylm_10M, babylm_100M, synthetic, or a path to a text file or folder")
-    a("--data-dir", default="data", help="where corpora are looked up / downloaded and token caches are kept")
-    a("--out", default=None, help="run folder (default: out/<corpus>-<size>-<masking>)")
-    a("--size", default="paper", choices=list(SIZES), help="model shape preset")
+    a("--corpus", default="babylm_10M",
+      help="babylm_10M, babylm_100M, synthetic, or a path to a text file or folder (default: %(default)s)")
+    a("--data-dir", default="data",
+      help="where corpora are looked up / downloaded and token caches are kept (default: %(default)s)")
+    a("--out", default=None, help="run folder (default: out/<corpus>-<size>-<masking>); a new run refuses a folder "
+                                  "that holds one already, and a folder another train.py is using")
+    a("--overwrite", action="store_true", help="start a new run in an --out that holds one: deletes the files train.py "
+                                               "wrote there (latest.pt, ckpt_*M.pt, summary.json, log.txt, amlm.csv) "
+                                               "and keeps the rest (default: off)")
+    a("--size", default="paper", choices=list(SIZES), help="model shape preset (default: %(default)s)")
     for name in ("n-layer", "n-head", "d-model", "d-ff"):
-        a(f"--{name}", type=positive(int), default=None, help="override the preset's " + name.replace("-", "_"))
-    a("--vocab-size", type=positive(int), default=None, help="BPE vocabulary size (default: 40000 for paper, else 16384)")
-    a("--dropout", type=fraction, default=0.1, help="dropout on embeddings and residual branches, in [0, 1)")
-    a("--masking", default="hard", choices=["uniform", "hard", "soft"], help="uniform MLM or AMLM's difficulty metric")
-    a("--mask-rate", type=rate, default=None, help="constant mask rate (sets start = end)")
-    a("--mask-rate-start", type=rate, default=0.40, help="mask rate at step 0 (linear decay to --mask-rate-end)")
-    a("--mask-rate-end", type=rate, default=0.15, help="mask rate at the last step")
-    a("--amlm-update-every", type=positive(int), default=200, help="optimizer steps between AMLM weight updates")
-    a("--amlm-ema", type=fraction, default=0.2, help="EMA weight of the old masking weights, in [0, 1)")
-    a("--nhot", action=argparse.BooleanOptionalAction, default=True, help="N-hot sub-token embeddings")
+        a(f"--{name}", type=positive(int), default=None,
+          help=f"override the preset's {name.replace('-', '_')} (default: the preset's)")
+    a("--vocab-size", type=positive(int), default=None, help="BPE vocabulary size (default: 40000 for --size paper, else 16384)")
+    a("--dropout", type=fraction, default=0.1, help="dropout on embeddings and residual branches, in [0, 1) (default: %(default)s)")
+    a("--masking", default="hard", choices=["uniform", "hard", "soft"],
+      help="uniform MLM, or AMLM's difficulty metric (default: %(default)s)")
+    a("--mask-rate", type=rate, default=None,
+      help="constant mask rate, setting --mask-rate-start and --mask-rate-end (default: off, the decay below)")
+    a("--mask-rate-start", type=rate, default=0.40, help="mask rate at step 0, decaying linearly (default: %(default)s)")
+    a("--mask-rate-end", type=rate, default=0.15, help="mask rate at the last step (default: %(default)s)")
+    a("--amlm-update-every", type=positive(int), default=200,
+      help="optimizer steps between AMLM weight updates (default: %(default)s)")
+    a("--amlm-ema", type=fraction, default=0.2, help="EMA weight of the old masking weights, in [0, 1) (default: %(default)s)")
+    a("--nhot", action=argparse.BooleanOptionalAction, default=True, help="N-hot sub-token embeddings (default: on)")
     a("--epochs", type=positive(float), default=10,
-      help="passes over the training split (strict-small: 10 x 10 M words)")
+      help="passes over the training split (default: %(default)s; strict-small: 10 x 10 M words)")
     a("--max-steps", type=non_negative(int), default=None,
-      help="stop after this many optimizer steps (overrides --epochs)")
+      help="stop after this many optimizer steps, overriding --epochs (default: as many as --epochs takes)")
     a("--stop-after", type=positive(int), default=None,
-      help="save latest.pt and stop after this many steps in this sitting (resume later)")
+      help="save latest.pt and stop after this many steps in this sitting, to resume later (default: run to the end)")
     a("--batch-tokens", type=positive(int), default=None,
-      help="tokens per optimizer step, over all processes (default: 16384; 4096 for synthetic)")
-    a("--grad-accum", type=positive(int), default=1, help="micro-steps per optimizer step in each process")
+      help="tokens per optimizer step, over all processes (default: 16384; 4096 for --corpus synthetic)")
+    a("--grad-accum", type=positive(int), default=1,
+      help="micro-steps per optimizer step in each process; the batch stays --batch-tokens (default: %(default)s)")
     a("--seq-len", default="64,256",
-      help="sequence lengths, comma-separated, each used for an equal share of the steps")
-    a("--lr", type=positive(float), default=1e-3, help="peak learning rate (AdamW)")
-    a("--warmup", type=non_negative(float), default=0.02, help="warmup steps (a value < 1 is a fraction of all steps)")
-    a("--weight-decay", type=non_negative(float), default=0.01)
-    a("--grad-clip", type=positive(float), default=1.0, help="clip the gradient's global norm to this")
-    a("--seed", type=int, default=1337)
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+      help="sequence lengths, comma-separated, each used for an equal share of the steps (default: %(default)s)")
+    a("--lr", type=positive(float), default=1e-3, help="peak learning rate, AdamW (default: %(default)s)")
+    a("--warmup", type=non_negative(float), default=0.02,
+      help="warmup steps; a value < 1 is a fraction of all steps (default: %(default)s)")
+    a("--weight-decay", type=non_negative(float), default=0.01, help="AdamW weight decay on matrices (default: %(default)s)")
+    a("--grad-clip", type=positive(float), default=1.0, help="clip the gradient's global norm to this (default: %(default)s)")
+    a("--seed", type=number(int, 0, 2**63, low_ok=True, what="in [0, 2^63)"), default=1337,
+      help="seeds the initialisation, the data order and the masking (default: %(default)s)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"],
+      help="auto = cuda if there is a GPU, else cpu (default: %(default)s)")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-      help="auto = bf16 where it is native (AMX or AVX512-BF16 CPUs, bf16 GPUs)")
+      help="auto = bf16 where it is native: AMX or AVX512-BF16 CPUs, bf16 GPUs (default: %(default)s)")
     a("--fast", action=argparse.BooleanOptionalAction, default=True,
-      help="run the model through fast.py (--no-fast: model.py's plain code, the same maths)")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest.pt")
-    a("--eval-every", type=non_negative(int), default=500, help="steps between validation losses (0 = only at the end)")
-    a("--eval-tokens", type=positive(int), default=262144, help="validation tokens per evaluation")
-    a("--eval-blimp", default=None, metavar="DIR", help="score BLiMP-style minimal pairs at each milestone checkpoint")
+      help="run the model through fast.py; --no-fast runs model.py's plain code, the same maths (default: on)")
+    a("--compile", action="store_true", help="torch.compile the model (default: off)")
+    a("--resume", default=None, metavar="RUN_DIR",
+      help="continue the run in RUN_DIR from its latest.pt, with its settings (see below) (default: a new run)")
+    a("--eval-every", type=non_negative(int), default=500,
+      help="steps between validation losses, 0 = only at the end (default: %(default)s)")
+    a("--eval-tokens", type=positive(int), default=262144, help="validation tokens per evaluation (default: %(default)s)")
+    a("--eval-blimp", default=None, metavar="DIR",
+      help="score the BLiMP-style tasks in DIR at each milestone checkpoint; checked at start (default: off)")
     return p
 
 # -----------------------------------------------------------------------------
@@ -112,23 +138,18 @@ def milestones_words():
 # -----------------------------------------------------------------------------
 # setup: flags -> a run
 
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "eval_blimp", "fast", "grad_accum")
+RESUME_NEEDS = ("model", "config", "tokenizer", "args", "step", "optimizer", "amlm", "batches", "rng")
 
 def parse_args(argv=None):
     """The flags, checked and completed; with --resume, the saved run's flags (and its latest.pt) instead,
-    except RESUME_MAY_CHANGE and --stop-after. Returns (args, model shape, resume checkpoint or None)."""
+    except RESUME_MAY_CHANGE. Returns (args, model shape, resume checkpoint or None)."""
     p = get_parser()
     args, resume = p.parse_args(argv), None
     if args.resume:
-        try:
-            resume = torch.load(os.path.join(args.resume, "latest.pt"), map_location="cpu", weights_only=True)
-            saved = resume["args"]
-        except Exception as e:
-            sys.exit(f"error: cannot resume from {args.resume}: no readable latest.pt there ({type(e).__name__})")
-        changed = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if getattr(args, k) != p.get_default(k)}
-        defaults = {k: p.get_default(k) for k in vars(args)}  # flags added since the run was saved
-        args = argparse.Namespace(**{**defaults, **saved, **changed, "stop_after": args.stop_after, "resume": args.resume,
-                                     "out": args.resume})
+        if args.overwrite:
+            p.error("--overwrite starts a new run and --resume continues one; give one of them")
+        resume = load_resume(args.resume)
+        args = resumed_args(p, argv, args, resume["args"])
     if args.batch_tokens is None:  # the synthetic corpus is for smoke tests: small steps finish in a minute
         args.batch_tokens = 4096 if args.corpus == "synthetic" else 16384
     if args.mask_rate is not None:
@@ -154,7 +175,172 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     args.dtype = pick_dtype(torch.device(args.device), args.dtype)
+    if args.eval_blimp:  # read now: a typo must not surface at the first milestone, minutes into training
+        import evaluate
+        try:
+            if not evaluate.read_tasks([args.eval_blimp])[0]:
+                p.error(f"--eval-blimp {args.eval_blimp} holds no file of a task format evaluate.py scores")
+        except (evaluate.EvalError, data.DataError) as e:
+            p.error(f"--eval-blimp: {e}")
     return args, shape, resume
+
+def load_resume(run):
+    """A run folder's latest.pt, checked to hold everything an exact resume needs; else exit with one sentence.
+    Example: a folder whose latest.pt is a copied ckpt_1M.pt -> "error: cannot resume from X: its latest.pt lacks
+    optimizer, amlm, batches, rng ..." """
+    path = os.path.join(run, "latest.pt")
+    if os.path.isfile(run):
+        sys.exit(f"error: --resume takes the run folder, not a file: try --resume {os.path.dirname(run) or '.'}")
+    if not os.path.isfile(path):
+        sys.exit(f"error: cannot resume from {run}: it holds no latest.pt")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or pickled code that weights_only refuses to run
+        sys.exit(f"error: cannot resume from {run}: its latest.pt is unreadable (truncated or not a checkpoint: "
+                 f"{type(e).__name__})")
+    missing = [k for k in RESUME_NEEDS if k not in ck] if isinstance(ck, dict) else list(RESUME_NEEDS)
+    if missing or not isinstance(ck["args"], dict):
+        sys.exit(f"error: cannot resume from {run}: its latest.pt lacks {', '.join(missing) or 'the flags (args)'} "
+                 "(a ckpt_<N>M.pt holds no optimizer state and cannot be resumed)")
+    ck["path"] = path  # for the messages of restore()
+    return ck
+
+def resumed_args(p, argv, args, saved):
+    """The saved run's flags, with those typed now that RESUME_MAY_CHANGE allows. Any other typed flag must agree
+    with the saved run, else --resume RUN --lr 0.5 would go on at the old rate without a word.
+    Example: saved lr 0.001, typed --lr 0.5 -> error "... --lr 0.5 (the run has 0.001) ..." """
+    q, unset = get_parser(), object()  # the same flags with a default no flag can give: what remains was typed
+    q.set_defaults(**dict.fromkeys(vars(args), unset))
+    typed = {k: v for k, v in vars(q.parse_args(argv)).items() if v is not unset}
+    run = {**{k: p.get_default(k) for k in vars(args)}, **saved, "out": args.resume}  # defaults: flags added since
+    same = lambda k, v: os.path.realpath(v) == os.path.realpath(args.resume) if k == "out" else v == run.get(k)
+    clash = [k for k, v in typed.items() if k not in RESUME_MAY_CHANGE + ("resume",) and not same(k, v)]
+    if clash:
+        p.error("--resume keeps the saved run's settings, but " + ", ".join(
+            f"--{k.replace('_', '-')} {typed[k]} (the run has {run.get(k)})" for k in clash) + " differ")
+    changed = {k: v for k, v in typed.items() if k in RESUME_MAY_CHANGE}
+    return argparse.Namespace(**{**run, **changed, "stop_after": args.stop_after, "resume": args.resume, "overwrite": False})
+
+def load_data(args, rank=0):
+    """data.prepare for this run, its complaints in one line. A corpus shorter than one block is an error; a
+    validation split shorter than one block is a note, and the run goes on without validation (val_loss null).
+    Under torchrun rank 0 builds the tokenizer and cache while the others wait, then they load it."""
+    if rank != 0:
+        dist.barrier()  # until rank 0's cache is complete
+    try:
+        d = data.prepare(args.corpus, args.data_dir, args.vocab_size, quiet=rank != 0)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    if rank == 0 and dist.is_initialized():
+        dist.barrier()
+    block = max(args.seq_lens)
+    if len(d.train) < block:
+        sys.exit(f"error: the corpus gives {len(d.train)} training tokens, fewer than the {block} of one block "
+                 "(the longest --seq-len); use a larger corpus or a shorter --seq-len")
+    if len(d.val) < block and rank == 0:
+        print(f"note: the validation split has {len(d.val)} tokens, fewer than the {block} of one block; "
+              "the run goes on without validation losses", file=sys.stderr)
+    return d
+
+# -----------------------------------------------------------------------------
+# the run folder: made and locked before any work, released however the run ends
+
+RUN_FILES = re.compile(r"latest\.pt|ckpt_\d+M\.pt|summary\.json|log\.txt|amlm\.csv")  # what train.py writes there
+HELD = []  # (lock file, the run folder if this process made it) for release_run
+
+def open_run(args, rank=0):
+    """The run folder, made and locked: one process per folder, and a new run never replaces an old one by
+    accident (--resume continues it, --overwrite deletes its files first). Sets args.out. Under torchrun only
+    rank 0 touches the folder; the others wait for its verdict (a refusal stops them all).
+    Example: `train.py --out X` while another train.py runs in X -> "error: X is in use by pid 4242@host ..." """
+    out = args.out = args.out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.corpus))}-{args.size}-{args.masking}")
+    if rank != 0:
+        dist.barrier()
+        return out
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"error: --out {out} is a file, not a folder")
+    made = not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        take_lock(os.path.join(out, "train.lock"))
+    except OSError as e:
+        sys.exit(f"error: cannot write to the run folder {out} ({e.strerror})")
+    HELD.append((os.path.join(out, "train.lock"), out if made else None))
+    found = sorted(f for f in os.listdir(out) if RUN_FILES.fullmatch(f))
+    if found and not args.resume and not args.overwrite:
+        sys.exit(f"error: {out} already holds a run (latest.pt); continue it with --resume {out}, replace it with "
+                 "--overwrite, or pick another --out" if "latest.pt" in found else
+                 f"error: {out} holds files of an earlier run ({', '.join(found)}) but no latest.pt to resume from; "
+                 "replace them with --overwrite, or pick another --out")
+    for f in found if args.overwrite else []:
+        os.remove(os.path.join(out, f))
+    if dist.is_initialized():
+        dist.barrier()  # the folder is ours: the other processes may go on
+    return out
+
+def lock_owner():
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+def take_lock(path):
+    """Create the lock file, holding pid@host, or exit naming who holds it. A lock left on this host by a process
+    that is gone (killed, or its machine restarted) is taken over with a warning. Example: a lock "999999@here"
+    with no process 999999 -> "warning: taking over ..." and the lock now holds this process."""
+    for _ in range(3):
+        try:
+            with open(path, "x") as f:  # "x": create, or fail if it exists, in one step
+                f.write(lock_owner())
+            return
+        except FileExistsError:
+            pass
+        try:
+            holder = open(path).read().strip()
+        except FileNotFoundError:
+            continue  # released meanwhile: try again
+        pid, _, host = holder.partition("@")
+        if not (host == socket.gethostname() and pid.isdigit() and not alive(int(pid))):
+            sys.exit(f"error: {os.path.dirname(path)} is in use by another train.py (pid {holder or '?'}, see {path}); "
+                     "wait for it, pick another --out, or delete the lock file if that process is gone")
+        print(f"warning: taking over {path}, left by pid {pid}, which is no longer running", file=sys.stderr)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    sys.exit(f"error: {os.path.dirname(path)} is being claimed by another train.py at the same moment")
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, and belongs to someone else
+    return True
+
+def release_run():
+    """Remove this process's lock files, and a run folder it made and left empty (a run refused early)."""
+    while HELD:
+        lock, made = HELD.pop()
+        try:
+            if open(lock).read() == lock_owner():
+                os.remove(lock)
+            if made:
+                os.rmdir(made)
+        except OSError:
+            pass  # not ours any more, or the folder holds files: keep it
+
+def releases_run(main):
+    """main, with the run folder released however it ends: a return, sys.exit, an exception, or Ctrl-C before
+    the training loop (which handles Ctrl-C itself); that one exits 130 with one line."""
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("interrupted before training started; nothing was saved", file=sys.stderr)
+            sys.exit(130)
+        finally:
+            release_run()
+    return wrapped
 
 def build(args, shape, d):
     """The model, its optimizer and the two maskers (the run's AMLM, and uniform 15 % for validation)."""
@@ -210,13 +396,17 @@ def restore(resume, d, model, opt, amlm, batches, gen, rank=0, world=1):
     """Load a latest.pt into the run's objects and RNGs; returns its step. Each process gets its own dropout RNG
     back when the world size is the one saved (else a fresh one: resuming on another world size is not bit-exact)."""
     same = lambda c: {k: v for k, v in c.items() if k != "fast"}  # fast is a way to run, not part of the model
+    run = resume["path"]
     if same(resume["config"]) != same(asdict(model.config)) or resume["tokenizer"] != d.tokenizer.to_json():
-        sys.exit(f"error: {resume['args']['out']} was trained with another model shape or tokenizer; refusing to resume")
-    model.load_state_dict(resume["model"])
-    opt.load_state_dict(resume["optimizer"])
-    amlm.load_state_dict(resume["amlm"], stats=rank == 0)  # the saved statistics are the sum over all processes
-    batches.load_state_dict(resume["batches"])
-    gen.set_state(resume["rng"]["mask"])
+        sys.exit(f"error: {run} was trained with another model shape or tokenizer; refusing to resume")
+    try:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        amlm.load_state_dict(resume["amlm"], stats=rank == 0)  # the saved statistics are the sum over all processes
+        batches.load_state_dict(resume["batches"])
+        gen.set_state(resume["rng"]["mask"])
+    except (RuntimeError, ValueError, KeyError, TypeError, data.DataError) as e:
+        sys.exit(f"error: {run} does not fit this run ({str(e).splitlines()[0]}); refusing to resume")
     per_rank = resume["rng"].get("ranks") or [{"torch": resume["rng"]["torch"], "cuda": resume["rng"].get("cuda")}]
     if len(per_rank) == world:
         torch.set_rng_state(per_rank[rank]["torch"])
@@ -231,8 +421,13 @@ def restore(resume, d, model, opt, amlm, batches, gen, rank=0, world=1):
 
 def save_atomic(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the old file intact, never a truncated one
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # a crash mid-write leaves the old file intact, never a truncated one
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        sys.exit(f"error: cannot write {path} ({e.strerror or e}); the previous checkpoint there is intact")
 
 def save_checkpoint(out, step, words, args, model, opt, amlm, batches, gen, tokenizer, milestone=None, rank=0):
     """latest.pt: everything an exact resume needs. With a milestone (words), also ckpt_<N>M.pt: what evaluation
@@ -339,29 +534,14 @@ def evaluate_loss(model, val, amlm15, args, autocast):
     return total / max(1, count)
 
 def blimp_line(model, tokenizer, args, words):
-    """BLiMP macro accuracy at a milestone (--eval-blimp), as one log line."""
+    """The --eval-blimp tasks scored at a milestone, as one log line (accuracy and correlation tasks apart)."""
     import evaluate
-    res = evaluate.evaluate_paths(model, tokenizer, [args.eval_blimp], device=args.device, progress=False)
-    return f"BLiMP macro accuracy {res['overall']:.2f} at {words // 1_000_000}M words"
-
-
-def prepare_data(args, rank):
-    """data.prepare; under torchrun rank 0 builds the tokenizer and cache first while the others wait."""
-    if rank != 0:
-        dist.barrier()  # until rank 0's cache is complete
     try:
-        d = data.prepare(args.corpus, args.data_dir, args.vocab_size, quiet=rank != 0)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    if rank == 0 and dist.is_initialized():
-        dist.barrier()
-    return d
+        res = evaluate.evaluate_paths(model, tokenizer, [args.eval_blimp], device=args.device, progress=False)
+    except (evaluate.EvalError, data.DataError) as e:  # the files changed since the start: say so, train on
+        return f"{args.eval_blimp}: not scored at {words // 1_000_000}M words ({e})"
+    return f"{args.eval_blimp}: {evaluate.headline_text(res)} at {words // 1_000_000}M words"
 
-def make_run_folder(out):
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: cannot create the run folder {out} ({e.strerror})")
 
 def log_header(log, args, d, model, total, words, out, world):
     log(f"config: {json.dumps(vars(args))}")
@@ -385,11 +565,13 @@ def agree(loss, interrupted, device):
 # -----------------------------------------------------------------------------
 # the run
 
+@releases_run
 def main(argv=None):
     args, shape, resume = parse_args(argv)
     rank, world = init_distributed(args)
+    out = open_run(args, rank)  # before any work: a folder in use or holding a run is refused in a second
     torch.manual_seed(args.seed)
-    d = prepare_data(args, rank)
+    d = load_data(args, rank)
     batches = data.Batches(d.train, block_size=max(args.seq_lens), seed=args.seed)  # the same global stream everywhere
     epoch_tokens = batches.n_blocks * batches.block_size
     total = args.max_steps if args.max_steps is not None else int(args.epochs * epoch_tokens // args.batch_tokens)
@@ -399,9 +581,6 @@ def main(argv=None):
     if world > 1:  # the same initial weights everywhere (DDP checks), but each process its own dropout stream
         torch.manual_seed(hash((args.seed, rank)) % 2**63)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)  # all masking randomness, the same everywhere
-    out = args.out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.corpus))}-{args.size}-{args.masking}")
-    if rank == 0:
-        make_run_folder(out)
     step = restore(resume, d, model, opt, amlm, batches, gen, rank, world) if resume else 0
     fmodel = DistributedDataParallel(model) if world > 1 else model
     fmodel = torch.compile(fmodel) if args.compile else fmodel
@@ -443,7 +622,8 @@ def main(argv=None):
             log(f"step {step}: {amlm.summary(d.tokenizer.tokens)}")
         if args.eval_every and step % args.eval_every == 0 and step < total:
             losses["val_loss"] = evaluate_loss(model, d.val, amlm15, args, autocast)
-            log(f"step {step}: validation loss {losses['val_loss']:.4f}")
+            if math.isfinite(losses["val_loss"]):  # nan: the split is shorter than one block (said at start)
+                log(f"step {step}: validation loss {losses['val_loss']:.4f}")
         while milestones and words_at(step) >= milestones[0]:
             save(milestones[0])
             if args.eval_blimp and rank == 0:
