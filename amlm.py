@@ -16,7 +16,7 @@ In a training loop:
     for step in range(total_steps):
         inputs, labels = am.mask(batch, rate=mask_rate(step, total_steps, 0.40, 0.15), generator=g)
         logits, loss = model(inputs, labels=labels)   # logits (n_labelled, V)
-        am.observe(labels, logits, inputs)            # statistics, no grad, a few ms
+        am.observe(labels, logits, inputs)            # statistics, no grad
         loss.backward(); opt.step(); opt.zero_grad()
         am.step()                                     # every update_every steps: new weights
 
@@ -37,13 +37,13 @@ BUCKET_LABELS = ("1-10", "11-100", "101-1k", "1k-10k", ">10k")
 # helpers: a table lookup, top-1 hits, the mask-rate schedule
 
 def lookup(table, ids):
-    """table[ids] for a 1-D table. index_select, because on a busy CPU the advanced-indexing kernel
-    can wait milliseconds for a second thread even on a 32x128 batch. Example: lookup(w, [[2, 0]]) -> [[w2, w0]]."""
+    """table[ids] for a 1-D table, as index_select: on a busy CPU the advanced-indexing kernel can wait for a
+    second thread even on a small batch. Example: lookup(w, [[2, 0]]) -> [[w2, w0]]."""
     return table.index_select(0, ids.reshape(-1)).view(ids.shape)
 
 def top1_hits(logits, y):
     """(n,) bool: is the target's logit the row maximum? A tie (more likely in bf16) counts as right.
-    amax is a plain vectorised reduction, ~20x faster on CPU than argmax over (n, 16384) logits.
+    amax is a plain vectorised reduction, much cheaper on CPU than argmax over (n, V) logits.
     Example: logits [[1., 3.], [2., 0.]], y [1, 1] -> [True, False]"""
     return logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)
 
@@ -81,8 +81,8 @@ class AMLM:
             raise ValueError(f"rate must lie in (0, 1), got {rate}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if not 0 <= ema <= 1:
-            raise ValueError(f"ema must lie in [0, 1], got {ema}")
+        if not 0 <= ema < 1:
+            raise ValueError(f"ema must lie in [0, 1), got {ema}")
         if int(update_every) < 1:
             raise ValueError(f"update_every must be at least 1, got {update_every}")
         if not 0 < min_weight <= rate:
@@ -256,30 +256,36 @@ class AMLM:
             t.zero_()
         self.updates += 1
 
-    def all_reduce(self):
-        """Sum the statistics over processes when torch.distributed is initialised (no-op otherwise).
-        update() calls it, so every process computes the same weights; all must call step() in lockstep."""
+    def all_reduce(self, stats=None):
+        """Sum the statistics (or the given copies of them) over processes when torch.distributed is initialised
+        (no-op otherwise). update() calls it, so every process computes the same weights; all must call step()
+        in lockstep. Example: process 0 saw type 7 twice, process 1 once -> both hold total[7] == 3."""
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized() and self.metric != "uniform":
-            for t in (self.correct, self.total, self.ce_sum, self.ce_count):
+            for t in stats if stats is not None else (self.correct, self.total, self.ce_sum, self.ce_count):
                 dist.all_reduce(t)
 
     # -------------------------------------------------------------------------
     # checkpointing
 
     def state_dict(self):
-        """Everything needed for an exact resume: weights, statistics and step counters (plain tensors and ints)."""
+        """Everything needed for an exact resume: weights, statistics and step counters (plain tensors and ints).
+        Under torch.distributed the statistics since the last update are summed over the processes (all must
+        call this), so one saved state holds the whole run's; load it with stats=True into one process only."""
         sd = {k: getattr(self, k).clone() for k in ("weights", "correct", "total", "ce_sum", "ce_count")}
+        self.all_reduce([sd[k] for k in ("correct", "total", "ce_sum", "ce_count")])
         sd.update(steps=self.steps, updates=self.updates, metric=self.metric, vocab_size=self.vocab_size, rate=self.rate)
         return sd
 
-    def load_state_dict(self, sd):
-        """Restore from state_dict(); the metric and vocabulary size must match this instance."""
+    def load_state_dict(self, sd, stats=True):
+        """Restore from state_dict(); the metric and vocabulary size must match this instance. stats=False starts
+        the statistics from zero (the other processes of a distributed run: one of them holds the saved sums)."""
         if sd["vocab_size"] != self.vocab_size or sd["metric"] != self.metric:
             raise ValueError(f"AMLM state is for metric={sd['metric']} V={sd['vocab_size']}, "
                              f"this one is metric={self.metric} V={self.vocab_size}")
         for k in ("weights", "correct", "total", "ce_sum", "ce_count"):
-            setattr(self, k, sd[k].to(device=self.weights.device, dtype=getattr(self, k).dtype).clone())
+            t = sd[k] if stats or k == "weights" else torch.zeros_like(sd[k])
+            setattr(self, k, t.to(device=self.weights.device, dtype=getattr(self, k).dtype).clone())
         self.steps, self.updates = int(sd["steps"]), int(sd["updates"])
         # the scale the weights are at: their mean (states saved before the weights followed the rate lack "rate")
         self.rate = float(sd.get("rate", self.weights[self.maskable].mean()))

@@ -39,149 +39,15 @@ MAX_PRETOKEN = 64  # longer pre-tokens are cut into 64-character chunks before B
                    # (a 5 MB word) would otherwise make every merge rescan it
 DOWNLOADS = {"babylm_10M": ("https://osf.io/download/5mk3x/", "dc67e5d2db96ed4f76cb072e2504a18c")}
 KNOWN = ["babylm_10M", "babylm_100M", "synthetic"]
+CHECK_BYTES = 256 << 20  # bytes hashed per cache file, larger files sampled: blake2b reads 330-700 MB/s here
 
 
 class DataError(Exception):
     """A user mistake (bad path, bad size, corrupt file); the message is one clear sentence."""
 
 
-# ----------------------------------------------------------------------------- corpus
-
-def find_files(path):
-    """Text files of a corpus path: the file itself, or a folder's *.train/*.txt, sorted, recursively
-    (hidden files and __MACOSX zip debris skipped). Example: dir with b.txt, a/c.train -> [a/c.train, b.txt]."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.rglob("*") if p.suffix in (".train", ".txt") and p.is_file()
-                  and not any(s.startswith((".", "__MACOSX")) for s in p.relative_to(path).parts))
-
-
-def _urlopen(url):
-    return urllib.request.urlopen(url, timeout=60)  # a dead network fails instead of hanging forever
-
-
-def download(url, dest, md5=None, opener=_urlopen, quiet=False):
-    """Download url to dest via dest.part (renamed only when complete); an md5 mismatch is a loud warning."""
-    dest, part, h = Path(dest), Path(str(dest) + ".part"), hashlib.md5()
-    try:
-        with opener(url) as r, open(part, "wb") as f:
-            size = int(getattr(r, "headers", {}).get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=quiet) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk), h.update(chunk), bar.update(len(chunk))
-    except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
-        part.unlink(missing_ok=True)
-        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)})") from None
-    if md5 and h.hexdigest() != md5:
-        print(f"WARNING: {dest.name} has md5 {h.hexdigest()}, expected {md5}; using it anyway", file=sys.stderr)
-    os.replace(part, dest)
-
-
-def safe_extract(zip_path, target):
-    """Extract a zip into target via a temporary folder, refusing members that would land outside it
-    (absolute paths, "../"); on any failure nothing is left behind. Example: member "../evil" -> DataError."""
-    target = Path(target)
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(zip_path) as z:
-            for m in z.infolist():
-                parts = Path(m.filename.replace("\\", "/")).parts
-                if m.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-                    raise DataError(f"refusing to extract {zip_path}: member {m.filename!r} escapes the target folder")
-            z.extractall(tmp, [m for m in z.infolist() if not m.filename.startswith("__MACOSX")])
-        os.replace(tmp, target)
-    except zipfile.BadZipFile:
-        raise DataError(f"{zip_path} is not a valid zip file") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def synthetic_text(n_sentences=40_000, seed=0):
-    """A deterministic English-like corpus from a tiny grammar with regular morphology (walk/walked/walks/
-    walking, happy/happiness/happily, real/reality, baby/babies); ~320k words in ~0.2 s.
-    Example: synthetic_text(2) -> "The calm farmer followed a baby.\\nDid the ..." (one sentence per line)."""
-    rng = random.Random(seed)
-    nouns = "dog cat bird teacher farmer king queen doctor student girl boy horse friend baker baby puppy".split()
-    verbs = "walk jump help call watch visit follow paint clean push kick like love wash chase kiss".split()
-    adjs = "happy kind dark quick sad bright calm weak soft brave silly lazy".split()
-    adjs_ity = "active real formal normal equal rapid solid humid timid stupid".split()
-    places = "park garden river house school market forest".split()
-    names = "Anna Ben Clara David Emma Felix".split()
-    y_ies = lambda w, end: w[:-1] + "i" + end if w[-1] == "y" and w[-2] not in "aeiou" else None  # baby -> babies
-    plural = {n: y_ies(n, "es") or n + "s" for n in nouns}
-    past = {v: v + "d" if v.endswith("e") else v + "ed" for v in verbs}
-    third = {v: v + "es" if v.endswith(("sh", "ch", "ss")) else v + "s" for v in verbs}
-    ing = {v: v[:-1] + "ing" if v.endswith("e") else v + "ing" for v in verbs}
-    ness = [y_ies(a, "ness") or a + "ness" for a in adjs]
-    ity = [a[:-1] + "ity" if a.endswith("e") else a + "ity" for a in adjs_ity]
-    adv = [y_ies(a, "ly") or a + "ly" for a in adjs]
-    c = rng.choice
-    templates = [
-        lambda: f"the {c(adjs)} {c(nouns)} {past[c(verbs)]} {c(['the', 'a'])} {c(nouns)}.",
-        lambda: f"the {plural[c(nouns)]} {c(verbs)} the {c(adjs)} {plural[c(nouns)]} in the {c(places)}.",
-        lambda: f"a {c(nouns)} {third[c(verbs)]} the {c(nouns)} {c(adv)}.",
-        lambda: f"the {c(ness)} of the {c(nouns)} {past[c(verbs)]} the {plural[c(nouns)]}.",
-        lambda: f"did the {c(nouns)} {c(verbs)} the {c(nouns)}?",
-        lambda: f"the {c(nouns)} was {ing[c(verbs)]} {c(adv)} near the {c(places)}.",
-        lambda: f"{c(names)} said that the {c(ity)} of the {c(nouns)} {past[c(verbs)]} everyone.",
-    ]
-    return "\n".join(s[0].upper() + s[1:] for s in (c(templates)() for _ in range(n_sentences))) + "\n"
-
-
-def resolve_corpus(corpus, data_dir="data", quiet=False, opener=_urlopen):
-    """Turn --corpus into a list of text files: a path, `synthetic` (written to <data_dir>/synthetic/),
-    or a BabyLM name looked up as <data_dir>/<name>/ and downloaded there if absent."""
-    data_dir = Path(data_dir)
-    if corpus == "synthetic":
-        path = data_dir / "synthetic" / "synthetic.train"
-        if not path.exists():  # written once, so its mtime (part of the cache key) stays put
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".tmp").write_text(synthetic_text(), encoding="utf-8")
-            os.replace(path.with_suffix(".tmp"), path)
-        return [path]
-    if corpus in KNOWN:
-        folder = data_dir / corpus
-        if not (folder.is_dir() and find_files(folder)):
-            if corpus not in DOWNLOADS:
-                raise DataError(f"{corpus} is not in {folder}/; download train_100M.zip from the BabyLM OSF "
-                                f"project (https://osf.io/ad7qg/) and unzip its *.train files there")
-            url, md5 = DOWNLOADS[corpus]
-            zip_path = data_dir / f"{corpus}.zip"
-            data_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                download(url, zip_path, md5, opener, quiet)
-            except DataError as e:
-                raise DataError(f"{e}; without network, put the BabyLM *.train files into {folder}/") from None
-            safe_extract(zip_path, folder)
-            zip_path.unlink()
-        corpus = folder
-    path = Path(corpus)
-    if not path.exists():
-        raise DataError(f"unknown corpus {str(corpus)!r}: not an existing file or folder, "
-                        f"nor one of {', '.join(KNOWN)}")
-    files = find_files(path)
-    if not files:
-        raise DataError(f"corpus folder {path} holds no *.train or *.txt files")
-    return files
-
-
-def read_lines(files):
-    """Normalised non-empty lines, split into (train, val, n_train_words); every VAL_EVERY-th line is held out.
-    Lines come back word-start-marked: "  Hi  there " -> "▁Hi▁there". Bad bytes become U+FFFD."""
-    train, val, n_words, k = [], [], 0, 0
-    for f in files:
-        for line in f.read_text(encoding="utf-8", errors="replace").replace("▁", " ").splitlines():
-            words = line.split()
-            if words:
-                if k % VAL_EVERY == 0:
-                    val.append("▁" + "▁".join(words))
-                else:
-                    train.append("▁" + "▁".join(words))
-                    n_words += len(words)
-                k += 1
-    return train, val, n_words
+class CacheError(DataError):
+    """A token cache that fails its check (missing, truncated or altered file): rebuilt, never loaded."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -211,9 +77,29 @@ def _merge(ids, pair, new):
     return out
 
 
+def learn_merges_simply(words, freqs, n_merges, next_id):
+    """BPE training, the plain way (what _learn_merges computes, much faster): count every adjacent pair
+    of ids, weighted by how often each word occurs; merge the most frequent pair everywhere (ties -> the
+    smallest (a, b)) into the next id; repeat. Words are lists of ids.
+    Example: words [[a,b,a,b]] x3, [[a,b]] x1 -> merges [(a,b)=7 times, (ab,ab)=3 times]."""
+    words, merges = [list(w) for w in words], []
+    for new in range(next_id, next_id + n_merges):
+        counts = Counter()
+        for w, f in zip(words, freqs):
+            for pair in zip(w, w[1:]):
+                counts[pair] += f
+        if not counts:
+            break  # every word is one token: the corpus is exhausted before vocab_size
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        words = [_merge(w, pair, new) for w in words]
+    return merges
+
+
 def _learn_merges(words, freqs, n_merges, next_id, quiet=True):
-    """BPE training on unique words (lists of ids, modified in place), touching only words that contain the
-    merged pair. A heap with lazy deletion picks the most frequent pair, ties -> smallest (a, b) ids.
+    """learn_merges_simply, fast: the pair counts are kept up to date instead of recounted, and each merge
+    touches only the words that contain the pair (an index from pair to words). A heap with lazy deletion
+    picks the most frequent pair, ties -> smallest (a, b) ids. Words are modified in place.
     Example: words [[a,b,a,b]] x3, [[a,b]] x1 -> merges [(a,b)=7 times, (ab,ab)=3 times]."""
     counts, where = defaultdict(int), defaultdict(set)
     for i, (w, f) in enumerate(zip(words, freqs)):
@@ -253,6 +139,32 @@ def _learn_merges(words, freqs, n_merges, next_id, quiet=True):
         for p in grown:
             heapq.heappush(heap, (-counts[p], p))
     return merges
+
+
+def _tokenizer_json_problem(s):
+    """What is wrong with a tokenizer JSON string, or None. Example: '{"format": "x"}' -> "format is 'x'"."""
+    try:
+        d = json.loads(s)
+    except ValueError:
+        return "not valid JSON"
+    if not isinstance(d, dict):
+        return "not a JSON object"
+    for key, want in (("format", "amlm-bpe"), ("version", TOKENIZER_VERSION), ("pattern", PAT.pattern)):
+        if d.get(key) != want:
+            return f"{key} is {d.get(key)!r}"
+    a, m = d.get("alphabet"), d.get("merges")
+    if not isinstance(a, list) or a[:1] != ["▁"] or len(set(map(str, a))) != len(a):
+        return "the alphabet must be a list of distinct characters starting with ▁"
+    if not all(isinstance(c, str) and len(c) == 1 for c in a):
+        return "an alphabet entry is not one character"
+    if not isinstance(m, list):
+        return "merges is not a list"
+    for i, p in enumerate(m):  # merge i may only use the alphabet and the i earlier merges
+        if not (isinstance(p, list) and len(p) == 2 and all(type(x) is int and FIRST_CHAR <= x < FIRST_CHAR + len(a) + i for x in p)):
+            return f"merge {i} is not a pair of earlier ids"
+    if d.get("vocab_size") != FIRST_CHAR + len(a) + len(m):
+        return f"vocab_size {d.get('vocab_size')!r} does not match the alphabet and merges"
+    return None
 
 
 class _WordCache(dict):
@@ -410,19 +322,12 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, s):
-        try:
-            d = json.loads(s)
-            a, m = d["alphabet"], d["merges"]
-            ok = ((d["format"], d["version"], d["pattern"]) == ("amlm-bpe", TOKENIZER_VERSION, PAT.pattern)
-                  and a[:1] == ["▁"] and len(set(a)) == len(a) and all(isinstance(c, str) and len(c) == 1 for c in a)
-                  and all(len(p) == 2 and all(type(x) is int and FIRST_CHAR <= x < FIRST_CHAR + len(a) + i for x in p)
-                          for i, p in enumerate(m)))
-            tok = cls(a, m) if ok else None
-            if tok and tok.vocab_size == d["vocab_size"]:
-                return tok
-        except (ValueError, TypeError, KeyError, AttributeError):
-            pass
-        raise DataError("corrupted tokenizer JSON (or one from another amlm version); delete it and prepare again")
+        """The inverse of to_json; DataError naming the first problem if s is not a tokenizer it wrote."""
+        problem = _tokenizer_json_problem(s)
+        if problem:
+            raise DataError(f"not an amlm tokenizer of this version: {problem}")
+        d = json.loads(s)
+        return cls(d["alphabet"], d["merges"])
 
     def save(self, path):
         tmp = Path(f"{path}.tmp")
@@ -435,6 +340,145 @@ class Tokenizer:
             return cls.from_json(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, DataError) as e:
             raise DataError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- corpus
+
+def find_files(path):
+    """Text files of a corpus path: the file itself, or a folder's *.train/*.txt, sorted, recursively
+    (hidden files and __MACOSX zip debris skipped). Example: dir with b.txt, a/c.train -> [a/c.train, b.txt]."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.suffix in (".train", ".txt") and p.is_file()
+                  and not any(s.startswith((".", "__MACOSX")) for s in p.relative_to(path).parts))
+
+
+def _urlopen(url):
+    return urllib.request.urlopen(url, timeout=60)  # a dead network fails instead of hanging forever
+
+
+def download(url, dest, md5=None, opener=_urlopen, quiet=False):
+    """Download url to dest via dest.part (renamed only when complete); an md5 mismatch is a loud warning."""
+    dest, part, h = Path(dest), Path(str(dest) + ".part"), hashlib.md5()
+    try:
+        with opener(url) as r, open(part, "wb") as f:
+            size = int(getattr(r, "headers", {}).get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=quiet) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk), h.update(chunk), bar.update(len(chunk))
+    except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+        part.unlink(missing_ok=True)
+        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)})") from None
+    if md5 and h.hexdigest() != md5:
+        print(f"WARNING: {dest.name} has md5 {h.hexdigest()}, expected {md5}; using it anyway", file=sys.stderr)
+    os.replace(part, dest)
+
+
+def safe_extract(zip_path, target):
+    """Extract a zip into target via a temporary folder, refusing members that would land outside it
+    (absolute paths, "../"); on any failure nothing is left behind. Example: member "../evil" -> DataError."""
+    target = Path(target)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            for m in z.infolist():
+                parts = Path(m.filename.replace("\\", "/")).parts
+                if m.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                    raise DataError(f"refusing to extract {zip_path}: member {m.filename!r} escapes the target folder")
+            z.extractall(tmp, [m for m in z.infolist() if not m.filename.startswith("__MACOSX")])
+        os.replace(tmp, target)
+    except zipfile.BadZipFile:
+        raise DataError(f"{zip_path} is not a valid zip file") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def synthetic_text(n_sentences=40_000, seed=0):
+    """A deterministic English-like corpus from a tiny grammar with regular morphology (walk/walked/walks/
+    walking, happy/happiness/happily, real/reality, baby/babies); ~320k words in ~0.2 s.
+    Example: synthetic_text(2) -> "The calm farmer followed a baby.\\nDid the ..." (one sentence per line)."""
+    rng = random.Random(seed)
+    nouns = "dog cat bird teacher farmer king queen doctor student girl boy horse friend baker baby puppy".split()
+    verbs = "walk jump help call watch visit follow paint clean push kick like love wash chase kiss".split()
+    adjs = "happy kind dark quick sad bright calm weak soft brave silly lazy".split()
+    adjs_ity = "active real formal normal equal rapid solid humid timid stupid".split()
+    places = "park garden river house school market forest".split()
+    names = "Anna Ben Clara David Emma Felix".split()
+    y_ies = lambda w, end: w[:-1] + "i" + end if w[-1] == "y" and w[-2] not in "aeiou" else None  # baby -> babies
+    plural = {n: y_ies(n, "es") or n + "s" for n in nouns}
+    past = {v: v + "d" if v.endswith("e") else v + "ed" for v in verbs}
+    third = {v: v + "es" if v.endswith(("sh", "ch", "ss")) else v + "s" for v in verbs}
+    ing = {v: v[:-1] + "ing" if v.endswith("e") else v + "ing" for v in verbs}
+    ness = [y_ies(a, "ness") or a + "ness" for a in adjs]
+    ity = [a[:-1] + "ity" if a.endswith("e") else a + "ity" for a in adjs_ity]
+    adv = [y_ies(a, "ly") or a + "ly" for a in adjs]
+    c = rng.choice
+    templates = [
+        lambda: f"the {c(adjs)} {c(nouns)} {past[c(verbs)]} {c(['the', 'a'])} {c(nouns)}.",
+        lambda: f"the {plural[c(nouns)]} {c(verbs)} the {c(adjs)} {plural[c(nouns)]} in the {c(places)}.",
+        lambda: f"a {c(nouns)} {third[c(verbs)]} the {c(nouns)} {c(adv)}.",
+        lambda: f"the {c(ness)} of the {c(nouns)} {past[c(verbs)]} the {plural[c(nouns)]}.",
+        lambda: f"did the {c(nouns)} {c(verbs)} the {c(nouns)}?",
+        lambda: f"the {c(nouns)} was {ing[c(verbs)]} {c(adv)} near the {c(places)}.",
+        lambda: f"{c(names)} said that the {c(ity)} of the {c(nouns)} {past[c(verbs)]} everyone.",
+    ]
+    return "\n".join(s[0].upper() + s[1:] for s in (c(templates)() for _ in range(n_sentences))) + "\n"
+
+
+def resolve_corpus(corpus, data_dir="data", quiet=False, opener=_urlopen):
+    """Turn --corpus into a list of text files: a path, `synthetic` (written to <data_dir>/synthetic/),
+    or a BabyLM name looked up as <data_dir>/<name>/ and downloaded there if absent."""
+    data_dir = Path(data_dir)
+    if corpus == "synthetic":
+        path = data_dir / "synthetic" / "synthetic.train"
+        if not path.exists():  # written once, so its mtime (part of the cache key) stays put
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(synthetic_text(), encoding="utf-8")
+            os.replace(path.with_suffix(".tmp"), path)
+        return [path]
+    if corpus in KNOWN:
+        folder = data_dir / corpus
+        if not (folder.is_dir() and find_files(folder)):
+            if corpus not in DOWNLOADS:
+                raise DataError(f"{corpus} is not in {folder}/; download train_100M.zip from the BabyLM OSF "
+                                f"project (https://osf.io/ad7qg/) and unzip its *.train files there")
+            url, md5 = DOWNLOADS[corpus]
+            zip_path = data_dir / f"{corpus}.zip"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                download(url, zip_path, md5, opener, quiet)
+            except DataError as e:
+                raise DataError(f"{e}; without network, put the BabyLM *.train files into {folder}/") from None
+            safe_extract(zip_path, folder)
+            zip_path.unlink()
+        corpus = folder
+    path = Path(corpus)
+    if not path.exists():
+        raise DataError(f"unknown corpus {str(corpus)!r}: not an existing file or folder, "
+                        f"nor one of {', '.join(KNOWN)}")
+    files = find_files(path)
+    if not files:
+        raise DataError(f"corpus folder {path} holds no *.train or *.txt files")
+    return files
+
+
+def read_lines(files):
+    """Normalised non-empty lines, split into (train, val, n_train_words); every VAL_EVERY-th line is held out.
+    Lines come back word-start-marked: "  Hi  there " -> "▁Hi▁there". Bad bytes become U+FFFD."""
+    train, val, n_words, k = [], [], 0, 0
+    for f in files:
+        for line in f.read_text(encoding="utf-8", errors="replace").replace("▁", " ").splitlines():
+            words = line.split()
+            if words:
+                if k % VAL_EVERY == 0:
+                    val.append("▁" + "▁".join(words))
+                else:
+                    train.append("▁" + "▁".join(words))
+                    n_words += len(words)
+                k += 1
+    return train, val, n_words
 
 
 # ----------------------------------------------------------------------------- cache + prepare
@@ -461,6 +505,66 @@ def cache_key(files, vocab_size):
                                       MIN_CHAR_COUNT, VAL_EVERY]).encode()).hexdigest()[:16]
 
 
+def checksum(x, limit=CHECK_BYTES):
+    """blake2b (128 bits, hex) of the bytes of an array or a bytes object; one over `limit` bytes is hashed
+    over `limit` bytes of it, in 256 slices spread evenly, so checking a cache stays about as cheap as
+    loading it. Example: checksum(b"abc") == hashlib.blake2b(b"abc", digest_size=16).hexdigest()."""
+    b = memoryview(x if isinstance(x, bytes) else np.ascontiguousarray(x)).cast("B")
+    h = hashlib.blake2b(digest_size=16)
+    if len(b) <= limit:
+        h.update(b)
+    else:
+        size, stride = limit // 256, len(b) // 256
+        for i in range(256):
+            h.update(b[i * stride:i * stride + size])
+    return h.hexdigest()
+
+
+def load_cache(cache):
+    """(tokenizer, train, val, meta) of a cache folder, each file checked against meta.json's lengths and
+    checksums first; CacheError naming the first problem otherwise. Example: a train.npy cut short ->
+    CacheError("train.npy is unreadable (ValueError)")."""
+    try:
+        meta = json.loads((cache / "meta.json").read_text())
+    except FileNotFoundError:
+        raise CacheError("no meta.json") from None
+    except (OSError, ValueError):
+        raise CacheError("meta.json is unreadable") from None
+    checks = meta.get("checks") if isinstance(meta, dict) else None
+    if not isinstance(checks, dict):
+        raise CacheError("meta.json holds no checksums (an older version wrote it)")
+    arrays = {}
+    for name in ("train.npy", "val.npy"):
+        try:
+            arrays[name] = np.load(cache / name, mmap_mode="r")  # a truncated file fails here, before any use
+        except (OSError, ValueError, EOFError) as e:
+            raise CacheError(f"{name} is unreadable ({type(e).__name__})") from None
+        if arrays[name].ndim != 1 or arrays[name].dtype not in (np.uint16, np.int32):
+            raise CacheError(f"{name} is not a flat array of token ids")
+    try:
+        tok_bytes = (cache / "tokenizer.json").read_bytes()
+    except OSError:
+        raise CacheError("tokenizer.json is unreadable") from None
+    for name, x in (*arrays.items(), ("tokenizer.json", tok_bytes)):
+        if checks.get(name) != [len(x), checksum(x)]:
+            raise CacheError(f"{name} does not match the checksum in meta.json")
+    try:
+        tok = Tokenizer.from_json(tok_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, DataError) as e:
+        raise CacheError(f"tokenizer.json: {e}") from None
+    return tok, arrays["train.npy"], arrays["val.npy"], meta
+
+
+def _discard(cache):
+    """Move a failed cache out of the way at once (one rename), then delete it."""
+    trash = cache.with_name(f"{cache.name}.bad{os.getpid()}")
+    try:
+        os.replace(cache, trash)
+    except OSError:
+        pass  # another process moved it first
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _build_cache(files, vocab_size, cache, quiet):
     train, val, n_words = read_lines(files)
     if not train:
@@ -480,8 +584,10 @@ def _build_cache(files, vocab_size, cache, quiet):
         np.save(tmp / "train.npy", tr), np.save(tmp / "val.npy", va)
         tok.save(tmp / "tokenizer.json")
         meta = {"files": [str(f) for f in files], "lines": len(train), "words": n_words, "tokens": len(tr),
-                "val_lines": len(val), "val_tokens": len(va), "tokens_per_word": (len(tr) - 2 * len(train)) / n_words}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                "val_lines": len(val), "val_tokens": len(va), "tokens_per_word": (len(tr) - 2 * len(train)) / n_words,
+                "checks": {name: [len(x), checksum(x)] for name, x in  # lengths: items of an array, bytes of a file
+                           (("train.npy", tr), ("val.npy", va), ("tokenizer.json", (tmp / "tokenizer.json").read_bytes()))}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: the checks cover every other file
         if not (cache / "meta.json").exists():  # else another process finished first: keep its copy
             shutil.rmtree(cache, ignore_errors=True)  # an incomplete cache folder is never trusted
             os.replace(tmp, cache)
@@ -505,13 +611,20 @@ def prepare(corpus, data_dir="data", vocab_size=16384, quiet=False):
     files = resolve_corpus(corpus, data_dir, quiet)
     key = cache_key(files, vocab_size)
     cache = data_dir / "cache" / key
-    hit = (cache / "meta.json").exists()
-    if not hit:
+    try:
+        tok, train, val, info = load_cache(cache)
+        hit = True
+    except CacheError as e:
+        if cache.exists():  # a missing cache is a plain miss; a broken one is said, and never loaded
+            print(f"data: the token cache {cache} fails its check ({e}); rebuilding it", file=sys.stderr)
+            _discard(cache)
         _build_cache(files, vocab_size, cache, quiet)
-    tok = Tokenizer.load(cache / "tokenizer.json")
-    train, val = np.load(cache / "train.npy", mmap_mode="r"), np.load(cache / "val.npy", mmap_mode="r")
+        try:
+            tok, train, val, info = load_cache(cache)
+        except CacheError as e:  # a full disk, or another process breaking it meanwhile
+            raise DataError(f"the token cache {cache} fails its check right after being built ({e})") from None
+        hit = False
     table, units = tok.subtoken_table()
-    info = json.loads((cache / "meta.json").read_text())
     info.update(corpus=str(corpus), vocab_size=tok.vocab_size, units=len(units), cache_hit=hit,
                 seconds=round(time.time() - t0, 2), cache=str(cache))
     return Data(tok, train, val, table, units, info["words"], len(train), key, cache, info)
@@ -568,7 +681,8 @@ class Batches:
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Prepare a corpus: tokenizer, cached tokens, sub-token units.")
+    p = argparse.ArgumentParser(prog="data.py", description="Prepare a corpus: tokenizer, cached tokens, sub-token units.")
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
     p.add_argument("--corpus", required=True, help=f"a file, a folder, or one of {', '.join(KNOWN)}")
     p.add_argument("--data-dir", default="data", help="where downloads and caches go (default: data)")
     p.add_argument("--vocab-size", type=int, default=16384)

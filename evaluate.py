@@ -9,15 +9,14 @@ checkpoint can be scored here without installing the BabyLM pipeline.
 A candidate's PLL: for each scored token, one copy of [CLS] text [SEP] with that token replaced
 by [MASK]; the log-softmax of the true token at that position (temperature 1), summed. With
 --pll word-l2r (Kauf & Ivanova 2023) the later sub-tokens of the same word are masked too, which
-is fairer to words split into several tokens. All copies of all sentences go through the model
-in large length-sorted batches, and the head is computed only at the masked position.
+is fairer to words split into several tokens. All copies of a task's sentences go through the model
+in large length-sorted batches, and the head is computed only at the masked position. Tasks are scored
+one after another, so Ctrl-C keeps (and with --out writes) the tasks already finished.
 
-    python evaluate.py out/run/latest.pt ../shared/data/blimp_fast --out results.json
+    python evaluate.py out/run/latest.pt evaluation_data/fast_eval/blimp_fast --out results.json
     python evaluate.py CKPT blimp/ wug.jsonl --pll word-l2r --limit 50 --device cpu
 
 A PATH is a .jsonl file or a directory of them; the format is told by each file's fields.
-Speed: BLiMP-fast (13,400 pairs = 269,682 masked copies) takes 76-120 s with the untrained `tiny`
-model on the 2-core development CPU (bf16 on AMX; fp32 about 2.5x slower), other jobs sharing the cores.
 """
 import argparse
 import json
@@ -29,16 +28,12 @@ from collections import Counter, defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-# OpenMP threads that spin while waiting stall whenever another process holds a core: on this 2-core
-# machine, with one other busy job, BLiMP-fast took 4-5x longer than with passive waiting. Read once, when
-# torch loads, so this only acts when evaluate.py is run or imported first; a user's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from data import CLS, MASK, PAD, SEP, DataError, Tokenizer
-from model import MaskedLM, ModelConfig
+from model import MaskedLM, ModelConfig, pick_device, pick_dtype
 
 PLL_VARIANTS = ("standard", "word-l2r")
 FORMATS = {  # format -> fields that identify it (and must be on every line)
@@ -61,6 +56,8 @@ def load_checkpoint(path, device="cpu"):
     """Load a train.py checkpoint -> (model in eval mode on device, tokenizer, checkpoint dict).
     Example: load_checkpoint("out/run/latest.pt") -> (MaskedLM(...), Tokenizer(...), {"step": 1000, ...})"""
     path = Path(path)
+    if path.is_dir():
+        raise EvalError(f"checkpoint {path} is a folder; give a .pt file, such as {path / 'latest.pt'}")
     if not path.is_file():
         raise EvalError(f"checkpoint {path} does not exist")
     try:
@@ -96,17 +93,12 @@ def tokenize(tokenizer, prefix, completion, pll="standard"):
         first += 1
     return ids, [0] * first + spans[first:]
 
-def use_bf16(device, precision="auto"):
-    """Whether to run under bf16 autocast: "auto" = on CUDA with bf16, or on a CPU with AMX tiles.
-    Example: use_bf16(torch.device("cpu"), "fp32") -> False"""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise EvalError(f"precision must be auto, fp32 or bf16, not {precision!r}")
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private API: absent -> no bf16
-    return device.type == "cpu" and amx is not None and amx()
+def checked_dtype(device, precision):
+    """model.pick_dtype, its complaint as an EvalError. Example: (cpu, "fp16") -> EvalError."""
+    try:
+        return pick_dtype(device, precision)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 @contextmanager
 def frozen_embeddings(model):
@@ -140,7 +132,7 @@ def pll_scores(model, candidates, batch_size=256, device=None, precision="auto",
     scores = np.zeros(len(candidates))
     was_training = model.training
     model.eval()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, precision) else nullcontext()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if checked_dtype(device, precision) == "bf16" else nullcontext()
     bar = tqdm(total=len(order), unit="copy", disable=not progress, desc="PLL")
     try:
         # no_grad, not inference_mode: what the model caches while scoring (its RoPE tables) must stay
@@ -190,13 +182,21 @@ def read_items(file, limit=None):
     Example: line {"sentence_good": "A.", "sentence_bad": "B.", "UID": "u", "field": "syntax"} ->
     ("minimal_pairs", [({"uid": "u", "field": "syntax"}, [("", "A."), ("", "B.")], None)])"""
     fmt, items = None, []
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    try:
+        f = open(file, "rb")  # bytes: a line that is not UTF-8 gets its number, not a traceback
+    except OSError as e:
+        raise EvalError(f"cannot read {file} ({e.strerror})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            where = f"{file}, line {n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a byte-order mark is no error
+            except UnicodeDecodeError:
+                raise EvalError(f"{where}: not UTF-8") from None
             if not line.strip():
                 continue
             if limit is not None and len(items) >= limit:
                 break
-            where = f"{file}, line {n}"
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
@@ -316,18 +316,10 @@ def task_result(fmt, items, scores):
 # -----------------------------------------------------------------------------
 # evaluation of whole paths (library entry points)
 
-def evaluate_paths(model, tokenizer, paths, batch_size=256, device=None, pll="standard", precision="auto",
-                   limit=None, formats=None, progress=True):
-    """Score every task under paths -> results dict. One task per (path, format); the PLLs of all
-    tasks are computed in one pass, so batches stay full. limit = items per file (quick looks);
-    formats = the formats to score (others skipped). Example:
-    evaluate_paths(model, tok, ["blimp_fast"]) -> {"pll": "standard", "precision": "bf16",
-        "tasks": {"blimp_fast": {"format": "minimal_pairs", "items": 13400, "score": 55.1, "by_uid": {...},
-        "by_field": {...}}}, "overall": 55.1, "skipped": [], "candidates": 26794, "copies": 269682, "seconds": 90.0}"""
-    if pll not in PLL_VARIANTS:
-        raise EvalError(f"pll must be one of {', '.join(PLL_VARIANTS)}, not {pll!r}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    t0 = time.time()
+def read_tasks(paths, limit=None, formats=None):
+    """The tasks under paths -> ({name: (format, items)}, skipped files). One task per (path, format): a directory
+    of BLiMP files is one task. limit = items per file (quick looks); formats = the formats to keep (others
+    skipped). Example: read_tasks(["blimp_fast"]) -> ({"blimp_fast": ("minimal_pairs", [13400 items])}, [])"""
     tasks, skipped = {}, []
     for path in paths:
         by_format = defaultdict(list)
@@ -336,8 +328,6 @@ def evaluate_paths(model, tokenizer, paths, batch_size=256, device=None, pll="st
                 fmt, items = read_items(file, limit)
             except UnknownFormat as e:
                 skipped.append(str(e))
-                if progress:
-                    print(f"skipped {e}", file=sys.stderr)
                 continue
             if formats is not None and fmt not in formats:
                 skipped.append(f"{file}: {fmt} not requested")
@@ -348,47 +338,77 @@ def evaluate_paths(model, tokenizer, paths, batch_size=256, device=None, pll="st
             while name in tasks:  # two paths with the same name
                 name += "'"
             tasks[name] = (fmt, items)
-    # tokenize each distinct candidate once (minimal pairs share sentences across files)
-    index, candidates = {}, []
-    for fmt, items in tasks.values():
-        for _, cands, _ in items:
-            for c in cands:
-                if c not in index:
-                    index[c] = len(candidates)
-                    candidates.append(tokenize(tokenizer, *c, pll=pll))
-    scores = pll_scores(model, candidates, batch_size, device, precision, progress)
-    results = {}
-    for name, (fmt, items) in tasks.items():
-        item_scores = [[scores[index[c]] for c in cands] for _, cands, _ in items]
-        results[name] = task_result(fmt, items, item_scores)
-    finite = [r["score"] for r in results.values() if math.isfinite(r["score"])]  # a constant WUG rho is nan
-    overall = sum(finite) / len(finite) if finite else float("nan")
-    return {"pll": pll, "precision": "bf16" if use_bf16(device, precision) else "fp32", "tasks": results,
-            "overall": overall, "skipped": skipped, "candidates": len(candidates),
-            "copies": sum(1 for _, spans in candidates for k in spans if k), "seconds": round(time.time() - t0, 2)}
+    return tasks, skipped
 
-def blimp_accuracy(model, tokenizer, path, batch_size=256, device=None, pll="standard", precision="auto",
-                   limit=None, progress=False):
-    """Macro accuracy (%) over the UIDs of the minimal-pair files under path (for train.py's checkpoints).
-    Example: blimp_accuracy(model, tok, "../shared/data/blimp_fast") -> 55.07 (an untrained N-hot tiny model)"""
-    res = evaluate_paths(model, tokenizer, [path], batch_size, device, pll, precision, limit,
-                         formats=("minimal_pairs",), progress=progress)
-    uids = [u["score"] for t in res["tasks"].values() for u in t["by_uid"].values()]
-    if not uids:
-        raise EvalError(f"{path} holds no minimal-pair files")
-    return sum(uids) / len(uids)
+def score_tasks(model, tokenizer, tasks, batch_size=256, device=None, pll="standard", precision="auto", progress=True):
+    """Yield (name, result) task by task, so that a caller stopped midway keeps the tasks already finished. Each
+    task is one batched pass; a candidate an earlier task scored is not scored again (minimal pairs share
+    sentences across files). A result also counts the candidates and masked copies its pass scored.
+    Example: dict(score_tasks(model, tok, read_tasks(["blimp_fast"])[0]))["blimp_fast"]["score"] -> 55.1"""
+    if pll not in PLL_VARIANTS:
+        raise EvalError(f"pll must be one of {', '.join(PLL_VARIANTS)}, not {pll!r}")
+    scored = {}  # (prefix, completion) -> PLL
+    for name, (fmt, items) in tasks.items():
+        new = list(dict.fromkeys(c for _, cands, _ in items for c in cands if c not in scored))
+        candidates = [tokenize(tokenizer, *c, pll=pll) for c in new]
+        scored.update(zip(new, pll_scores(model, candidates, batch_size, device, precision, progress)))
+        res = task_result(fmt, items, [[scored[c] for c in cands] for _, cands, _ in items])
+        yield name, {**res, "candidates": len(new), "copies": sum(1 for _, spans in candidates for k in spans if k)}
+
+def headline(results):
+    """Accuracy tasks and correlation tasks apart (a Spearman x 100 is no accuracy): the mean score of each kind,
+    None where there is none (a constant WUG rho is nan and left out).
+    Example: blimp 60.0, ewok 50.0, wug 30.0 (spearman) -> {"accuracy": 55.0, "correlation": 30.0}"""
+    out = {}
+    for key, metric in (("accuracy", "accuracy"), ("correlation", "spearman")):
+        scores = [r["score"] for r in results.values() if r["metric"] == metric and math.isfinite(r["score"])]
+        out[key] = sum(scores) / len(scores) if scores else None
+    return out
+
+def headline_text(res):
+    """The headline in words. Example: "accuracy 55.00 (2 tasks), correlation 30.00 (Spearman x 100, 1 task)" """
+    n = Counter(r["metric"] for r in res["tasks"].values())
+    parts = [f"accuracy {res['accuracy']:.2f} ({n['accuracy']} task{'s' * (n['accuracy'] != 1)})"
+             if res["accuracy"] is not None else None,
+             f"correlation {res['correlation']:.2f} (Spearman x 100, {n['spearman']} task{'s' * (n['spearman'] != 1)})"
+             if res["correlation"] is not None else None]
+    return ", ".join(p for p in parts if p) or "no finite score"
+
+def evaluate_paths(model, tokenizer, paths, batch_size=256, device=None, pll="standard", precision="auto",
+                   limit=None, formats=None, progress=True):
+    """Score every task under paths -> results dict (read_tasks, then score_tasks). Example:
+    evaluate_paths(model, tok, ["blimp_fast"]) -> {"pll": "standard", "precision": "bf16",
+        "tasks": {"blimp_fast": {"format": "minimal_pairs", "metric": "accuracy", "items": 13400, "score": 55.1,
+        "by_uid": {...}, "by_field": {...}, ...}}, "accuracy": 55.1, "correlation": None, "skipped": [],
+        "candidates": 26794, "copies": 269682, "seconds": 90.0}"""
+    if pll not in PLL_VARIANTS:
+        raise EvalError(f"pll must be one of {', '.join(PLL_VARIANTS)}, not {pll!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    t0 = time.time()
+    tasks, skipped = read_tasks(paths, limit, formats)
+    for e in skipped if progress else []:
+        print(f"skipped {e}", file=sys.stderr)
+    results = dict(score_tasks(model, tokenizer, tasks, batch_size, device, pll, precision, progress))
+    return summary(results, pll, checked_dtype(device, precision), skipped, time.time() - t0)
+
+def summary(results, pll, precision, skipped, seconds):
+    """The results dict of evaluate_paths (see there) from score_tasks's results."""
+    return {"pll": pll, "precision": precision, "tasks": results, **headline(results), "skipped": skipped,
+            "candidates": sum(r["candidates"] for r in results.values()),
+            "copies": sum(r["copies"] for r in results.values()), "seconds": round(seconds, 2)}
 
 # -----------------------------------------------------------------------------
 # command line
 
 def format_table(res):
-    """The results as a plain-text table: task, format, items, score (and the fields of minimal pairs)."""
+    """The results as a plain-text table: task, format, items, score (and the fields of minimal pairs), then the
+    headline: the accuracy tasks and the correlation tasks, each kind averaged apart."""
     lines = [f"{'task':<32} {'format':<16} {'items':>7} {'score':>7}"]
     for name, t in res["tasks"].items():
         lines.append(f"{name:<32} {t['format']:<16} {t['items']:>7} {t['score']:>7.2f}  {t['metric']}")
         for field, score in t.get("by_field", {}).items():
             lines.append(f"  {field:<30} {'':<16} {'':>7} {score:>7.2f}")
-    lines.append(f"{'overall (mean of tasks)':<32} {'':<16} {'':>7} {res['overall']:>7.2f}")
+    lines.append(f"headline: {headline_text(res)}")
     lines.append(f"PLL {res['pll']} ({res['precision']}), {res['copies']:,} masked copies in {res['seconds']:.1f} s")
     return "\n".join(lines)
 
@@ -402,45 +422,89 @@ def json_safe(obj):
         return [json_safe(v) for v in obj]
     return obj
 
-def resolve_device(name):
-    """"auto" -> cuda if there is a GPU else cpu; other names checked. Example: "cpu" -> device(type='cpu')"""
+def check_out(path):
+    """--out, checked before any scoring: a file name (not a folder) in a folder we can write (made if missing).
+    Example: check_out("results") where results/ is a folder -> EvalError("--out results is a folder; ...")"""
+    path = Path(path)
+    if path.is_dir():
+        raise EvalError(f"--out {path} is a folder; give a file name, such as {path / 'results.json'}")
     try:
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
-    except RuntimeError:
-        raise EvalError(f"unknown device {name!r} (use auto, cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"device {name} asked for, but no CUDA GPU is available")
-    return device
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise EvalError(f"cannot write --out {path} ({e.strerror or e})") from None
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Zero-shot BabyLM-style evaluation of an amlm checkpoint by PLL.")
-    ap.add_argument("checkpoint", help="a train.py checkpoint (.pt)")
-    ap.add_argument("paths", nargs="+", metavar="PATH", help="a .jsonl file or a directory of them")
-    ap.add_argument("--out", help="write the results here as JSON")
-    ap.add_argument("--batch-size", type=int, default=256, help="masked copies per forward pass")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    ap.add_argument("--pll", default="standard", choices=PLL_VARIANTS, help="word-l2r: Kauf & Ivanova 2023")
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on AMX CPUs and CUDA")
-    ap.add_argument("--limit", type=int, help="score only the first N items of each file (quick looks)")
-    ap.add_argument("--threads", type=int, help="CPU threads (1 can beat 2 when other jobs share the cores)")
-    args = ap.parse_args(argv)
+def write_json(obj, path):
+    """Atomic (a crash never leaves half a file) and standard JSON (nan -> null)."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(json_safe(obj), indent=1) + "\n")
+    os.replace(tmp, path)
+
+def setup(args):
+    """Everything that can fail on bad input, before any scoring: -> (tasks, skipped, model, tokenizer, ckpt,
+    device, precision), or exit 1 with one line."""
     try:
         if args.batch_size < 1 or any(v is not None and v < 1 for v in (args.limit, args.threads)):
             raise EvalError("--batch-size, --limit and --threads must be positive")
+        if args.out:
+            check_out(args.out)
         if args.threads:
             torch.set_num_threads(args.threads)
-        device = resolve_device(args.device)
+        try:
+            device = pick_device(args.device)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+        precision = checked_dtype(device, args.precision)
         model, tokenizer, ckpt = load_checkpoint(args.checkpoint, device)
-        res = evaluate_paths(model, tokenizer, args.paths, args.batch_size, device, args.pll, args.precision, args.limit)
+        tasks, skipped = read_tasks(args.paths, args.limit)
+        if not tasks:
+            raise EvalError(f"nothing to score: all {len(skipped)} files were skipped (the first: {skipped[0]})")
+        for e in skipped:
+            print(f"skipped {e}", file=sys.stderr)
+        return tasks, skipped, model, tokenizer, ckpt, device, precision
     except (EvalError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="evaluate.py", description="Zero-shot BabyLM-style evaluation of an amlm "
+                                 "checkpoint by PLL. Ctrl-C stops it, keeping (and with --out writing) the tasks "
+                                 "already finished; a directory is one task, so pass its files for finer steps.")
+    ap.error = lambda msg: ap.exit(2, f"{ap.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
+    ap.add_argument("checkpoint", help="a train.py checkpoint (.pt)")
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="a .jsonl file or a directory of them")
+    ap.add_argument("--out", help="write the results here as JSON (checked before scoring)")
+    ap.add_argument("--batch-size", type=int, default=256, help="masked copies per forward pass (default: %(default)s)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
+    ap.add_argument("--pll", default="standard", choices=PLL_VARIANTS,
+                    help="word-l2r: Kauf & Ivanova 2023 (default: %(default)s)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="auto: bf16 where it is native, AMX or AVX512-BF16 CPUs, bf16 GPUs (default: %(default)s)")
+    ap.add_argument("--limit", type=int, help="score only the first N items of each file, for quick looks")
+    ap.add_argument("--threads", type=int, help="CPU threads (1 can beat 2 when other jobs share the cores)")
+    args = ap.parse_args(argv)
+    results, tasks = {}, {}
+    try:
+        tasks, skipped, model, tokenizer, ckpt, device, precision = setup(args)
+        t0 = time.time()
+        for name, r in score_tasks(model, tokenizer, tasks, args.batch_size, device, args.pll, args.precision):
+            results[name] = r
+    except KeyboardInterrupt:
+        if not results:
+            print("interrupted before any task was finished; nothing written", file=sys.stderr)
+            sys.exit(130)
     res = {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "words_seen": ckpt.get("words_seen"),
-           "limit": args.limit, **res}
+           "limit": args.limit, **summary(results, args.pll, precision, skipped, time.time() - t0),
+           "unscored": [name for name in tasks if name not in results]}
     print(format_table(res))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(json_safe(res), indent=1) + "\n")
+        write_json(res, args.out)
+    if res["unscored"]:
+        print(f"interrupted after {len(results)} of {len(tasks)} tasks" + (f"; {args.out} holds those" if args.out else ""),
+              file=sys.stderr)
+        sys.exit(130)
 
 if __name__ == "__main__":
     main()

@@ -208,7 +208,8 @@ def config_json(cfg, ckpt):
     auto = {"AutoConfig": "AmlmConfig", "AutoModel": "AmlmModel", "AutoModelForMaskedLM": "AmlmForMaskedLM",
             "AutoModelForSequenceClassification": "AmlmForSequenceClassification"}
     return {"architectures": ["AmlmForMaskedLM"], "model_type": "amlm",
-            "auto_map": {k: f"{Path(MODELING).stem}.{v}" for k, v in auto.items()}, **cfg,
+            "auto_map": {k: f"{Path(MODELING).stem}.{v}" for k, v in auto.items()},
+            **{k: v for k, v in cfg.items() if k != "fast"},  # model.py's speed switch means nothing here
             "pad_token_id": data.PAD, "cls_token_id": data.CLS, "sep_token_id": data.SEP, "mask_token_id": data.MASK,
             "tie_word_embeddings": False, "torch_dtype": "float32",
             "amlm_step": ckpt.get("step"), "amlm_words_seen": ckpt.get("words_seen")}

@@ -12,6 +12,9 @@ model and rare words share what they have in common with frequent ones.
     logits, loss = model(input_ids, labels=labels)   # logits: (n_labelled, V)
     logits, _ = model(input_ids)                     # logits: (B, T, V)
 
+This file is the plain model, library ops only. With ModelConfig.fast (the default) the same maths
+runs through the hand-written pieces in fast.py; ModelConfig(fast=False) runs exactly what you read here.
+
 Positions are rotary (RoPE): the training recipe switches from 64- to 256-token sequences
 mid-run, and a rotation that depends only on relative distance has no learned table whose
 rows for positions 65..256 would still be untrained at the switch.
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import fast
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -38,6 +43,7 @@ class ModelConfig:
     nhot: bool = False      # N-hot sub-token embedding sum on/off
     n_units: int = 0        # rows of the sub-token embedding table
     max_units: int = 0      # columns of the padded (vocab, max_units) N-hot table
+    fast: bool = True       # run the same maths through fast.py's hand-written pieces
 
 SIZES = {  # shapes for train.py --size
     "tiny":  dict(n_layer=4,  n_head=4,  d_model=256, d_ff=1024),   # CPU smoke tests and experiments
@@ -56,192 +62,24 @@ def rope_tables(T, head_dim, device, base=10000.0):
     return angles.cos(), angles.sin()
 
 def apply_rope(x, cos, sin):
-    """Rotate the two halves of each head's channels by position-dependent angles; x: (B, nh, T, hd).
-    The plain definition, for reading and for the tests; the model runs RotaryQKV, the same maths fused
-    with splitting q, k, v out of one projection."""
+    """Rotate the pairs (x1[i], x2[i]) of the two halves of each head's channels by the angle of the
+    position and the pair; x: (B, nh, T, hd). Example: hd=2, angle pi/2: [1, 0] -> [0, 1]."""
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 under autocast; sdpa wants one dtype
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 under autocast
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 # -----------------------------------------------------------------------------
-# hand-written pieces for CPU speed: each replaces a few library ops whose memory traffic, not arithmetic,
-# dominated a training step here; each has a test that compares it with the plain version
+# attention and the transformer block
 
-class RotaryQKV(torch.autograd.Function):
-    """The fused qkv projection (B, T, 3*nh, hd) -> q, k, v, each (B, nh, T, hd) and contiguous, with
-    apply_rope on q and k and the 1/sqrt(hd) attention scale folded into q's tables (a free multiply).
-    Same maths as slicing + apply_rope + transpose, with a hand-written backward: autograd through
-    those slices zero-fills and copies whole gradient buffers, ~8 % of a CPU training step here."""
-
-    @staticmethod
-    def forward(ctx, qkv, cos, sin, scale):
-        B, T, nh3, hd = qkv.shape
-        nh, h = nh3 // 3, hd // 2
-        cos = torch.cat((cos, cos), dim=-1)  # (T, hd): both halves get the same cos
-        tables = ((cos * scale, sin * scale), (cos, sin))  # q's tables carry the attention scale
-        x = qkv.transpose(1, 2)  # (B, 3nh, T, hd), a strided view
-        out = qkv.new_empty(3, B, nh, T, hd)  # q = out[0], k = out[1], v = out[2]
-        for i, (c, s) in enumerate(tables):
-            xi = x[:, i * nh:(i + 1) * nh]
-            o = torch.mul(xi, c, out=out[i])  # full-width ops are the cheap ones: one here, two on halves
-            o[..., :h].addcmul_(xi[..., h:], s, value=-1)  # x1 cos - x2 sin
-            o[..., h:].addcmul_(xi[..., :h], s)             # x2 cos + x1 sin
-        out[2] = x[:, 2 * nh:]
-        ctx.save_for_backward(*tables[0], *tables[1])
-        return out[0], out[1], out[2]
-
-    @staticmethod
-    def backward(ctx, gq, gk, gv):
-        cq, sq, ck, sk = ctx.saved_tensors
-        gq, gk, gv = gq.contiguous(), gk.contiguous(), gv.contiguous()  # gk comes transposed from q @ k^T
-        B, nh, T, hd = gq.shape
-        h = hd // 2
-        grad = gq.new_empty(B, T, 3 * nh, hd)
-        gx = grad.transpose(1, 2)  # (B, 3nh, T, hd); every element is written exactly once below
-        for i, (g, c, s) in enumerate(((gq, cq, sq), (gk, ck, sk))):
-            d = torch.mul(g, c, out=gx[:, i * nh:(i + 1) * nh])  # the rotation's transpose: by -angle
-            d[..., :h].addcmul_(g[..., h:], s)
-            d[..., h:].addcmul_(g[..., :h], s, value=-1)
-        gx[:, 2 * nh:] = gv
-        return grad, None, None, None
-
-def dropout_mask(x, p):
-    """A random mask shaped like x, in x's dtype: 0 with probability p, else 1/(1-p) (what F.dropout
-    multiplies by). A cheaper stand-in on CPU for bernoulli_, which costs ~5 ms per (32, 128, 256)
-    tensor here (more than all the layer norms and softmaxes of a step together). Each int64 draw gives
-    four uniform 16-bit numbers, and an element is dropped when its number is among the lowest p * 2^16
-    (p is rounded to a multiple of 1/65536).
-    Example: p=0.1 -> keep u >= 6554 - 32768, with probability 58982/65536 = 0.89999, as 1/0.9 = 1.111."""
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # 64 uniform bits per draw
-    u = bits.view(torch.int16)[:n].view(x.shape)  # four int16 per draw, each uniform on [-32768, 32767]
-    keep = torch.ge(u, round(p * 65536) - 32768, out=torch.empty_like(x))  # 1.0 or 0.0, straight in x's dtype
-    return keep.mul_(1 / (1 - p))  # (half the time of torch.where(u >= ..., 1 / (1 - p), 0.0) here)
-
-def own_dropout(x, p, training):
-    """Whether dropout runs on dropout_mask here: only where it pays, training on CPU with p > 0."""
-    return training and p > 0 and x.device.type == "cpu"
-
-def dropout(x, p, training):
-    """F.dropout: zero each element with probability p and scale the rest by 1/(1-p)."""
-    if not own_dropout(x, p, training):
-        return F.dropout(x, p, training)
-    return x * dropout_mask(x, p)
-
-class DropoutAdd(torch.autograd.Function):
-    """x + y * m for a saved 0-or-1/(1-p) mask m: one pass forward and one backward (autograd's own
-    addcmul backward converts and rescales the mask again on every call)."""
-
-    @staticmethod
-    def forward(ctx, x, y, m):
-        ctx.save_for_backward(m)
-        return torch.addcmul(x, y, m)
-
-    @staticmethod
-    def backward(ctx, g):
-        m, = ctx.saved_tensors
-        return g, g * m, None
-
-def dropout_add(x, y, p, training):
-    """x + dropout(y), the residual update."""
-    if not own_dropout(x, p, training):
-        return x + F.dropout(y, p, training)
-    return DropoutAdd.apply(x, y, dropout_mask(y, p))
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """The tied head and its loss in one op: logits = h E^T + b and F.cross_entropy(logits.float(), targets),
-    the mean over targets != -100; returns (logits, loss). Same maths as F.linear + F.cross_entropy, but the
-    backward never builds the (n, V) gradient d loss / d logits = (softmax - onehot) * w. It walks the
-    vocabulary in slices of 2048 columns and feeds each softmax slice, while it is in cache, to the three
-    products that need it (dh, dE, db); the one-hot part touches only the target rows. A fresh (n, V)
-    float tensor (42 MB for 640 x 16384) is served by mmap and page-faulted on first touch, ~10 ms here:
-    the library pair allocates four per step (the logits, the log-probabilities, two gradients), this one
-    allocates only the logits it returns.
-    Example: h [[1, 0]], E [[0, 0], [ln 3, 0]], b 0, target [1] -> logits [[0, ln 3]], loss ln(4/3) = 0.2877,
-    d loss / d logits [[0.25, -0.25]], so dh = [[-0.25 ln 3, 0]], dE = [[0.25, 0], [-0.25, 0]], db = [0.25, -0.25]."""
-    cols = 2048  # vocabulary slice of the backward: (n, 2048) fp32 is 5 MB for n = 640
-
-    @staticmethod
-    def forward(ctx, h, E, b, targets):
-        if torch.is_autocast_enabled(h.device.type):  # a custom op is not cast by autocast: do what F.linear would
-            dt = torch.get_autocast_dtype(h.device.type)
-            h, E, b = h.to(dt), E.to(dt), b.to(dt)
-        n, V = h.shape[0], E.shape[0]
-        logits = h @ E.t()  # (n, V)
-        f32 = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits are reduced in fp32
-        lse = logits.new_empty(n, dtype=f32)  # log-sum-exp per row: all the backward needs of the softmax
-        rows = max(1, 2**19 // V)  # rows per slice: 2 MB of fp32, in one core's L2 cache
-        for i in range(0, n, rows):
-            z = logits[i:i + rows]
-            z += b  # the bias, added while the slice is in cache anyway
-            lse[i:i + rows] = z.to(f32).logsumexp(dim=-1)
-        keep = targets != -100
-        t = targets.clamp(min=0)[:, None]  # (n, 1): ignored rows pick column 0, then get weight 0
-        count = keep.sum().clamp(min=1)
-        loss = ((lse - logits.gather(1, t).squeeze(1).to(f32)) * keep).sum() / count
-        ctx.save_for_backward(h, E, logits, lse, t, keep, count)
-        ctx.set_materialize_grads(False)  # nobody differentiates the logits: no (n, V) zero gradient for them
-        return logits, loss
-
-    @staticmethod
-    def backward(ctx, g_logits, g_loss):
-        h, E, logits, lse, t, keep, count = ctx.saved_tensors
-        V, cols = E.shape[0], LinearCrossEntropy.cols
-        dh = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)  # summed over slices, in fp32
-        dE, db = torch.empty_like(E), lse.new_empty(V)
-        g_loss = g_loss if g_loss is not None else lse.new_zeros(())
-        w = keep[:, None] * (g_loss / count)  # (n, 1): each row's share of the mean, 0 for ignored rows
-        buf = lse.new_empty(len(lse), min(cols, V))  # one slice buffer, reused: no page faults
-        for c in range(0, V, cols):  # the softmax part, softmax * w, slice by slice
-            s = slice(c, c + cols)
-            z = logits[:, s]
-            g = torch.sub(z, lse[:, None], out=buf[:, :z.shape[1]]).exp_().mul_(w)  # (n, cols)
-            if g_logits is not None:  # only if the caller differentiates the logits themselves
-                g += g_logits[:, s]
-            db[s] = g.sum(0)
-            g = g.to(h.dtype)
-            torch.mm(g.t(), h, out=dE[s])  # (cols, C)
-            dh += g @ E[s]  # (n, C)
-        # the one-hot part, -w at each row's target column: one row of E, h and b per target
-        t = t[:, 0]
-        dh -= w * E[t]
-        dE.index_add_(0, t, (-w * h).to(dE.dtype))
-        db.index_add_(0, t, -w[:, 0])
-        return dh, dE, db, None
-
-class NHotSum(torch.autograd.Function):
-    """N . E_sub, the (V, C) matrix of each token's unit vectors summed with its 1/sqrt(k) weights: one embedding_bag
-    over the flat table. Its gradient for E_sub, N^T . g, is the same kind of sum over the transposed table (for
-    each unit, the tokens that contain it), so the backward is one more embedding_bag. The library's own backward
-    sorts the ~100k unit ids and scatters, every step: forward + backward take 11 ms with it, 4.5 ms with this
-    one (CPU here, 16384 tokens x 6 units).
-    Example: token 0 has units {0, 1}, token 1 has {1}, weights 1: N = [[1, 1], [0, 1]], so for g = [[1], [2]]
-    the gradient is N^T g = [[1], [3]]: unit 0 gets token 0's row, unit 1 the sum of both."""
-
-    @staticmethod
-    def forward(ctx, W, bag, bag_t):  # bag, bag_t: (ids, offsets, weights) of the table and of its transpose
-        ctx.save_for_backward(*bag_t)
-        ids, offsets, w = bag
-        return F.embedding_bag(ids, W, offsets, per_sample_weights=w, mode="sum")
-
-    @staticmethod
-    def backward(ctx, g):
-        ids, offsets, w = ctx.saved_tensors
-        return F.embedding_bag(ids, g.contiguous(), offsets, per_sample_weights=w, mode="sum"), None, None
-
-# -----------------------------------------------------------------------------
-# transformer block
-
-def attention(q, k, v, key_mask=None):
-    """softmax(q k^T) v over all positions (bidirectional), q already scaled by 1/sqrt(hd); key_mask
-    (B, 1, 1, T) True = attend. No dropout on the attention probabilities: residual dropout suffices
-    and it keeps the fast kernels."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=1.0)
-    # on CPU, plain matmuls beat sdpa's flash kernel: fwd+bwd on (32, 4, 128, 64), one core of this machine,
-    # 21 vs 26 ms in fp32 and 13 vs 47 ms in bf16 (the attention matrix is small at T <= 256)
-    a = q @ k.transpose(-2, -1)  # (B, nh, T, T)
+def attention(q, k, v, key_mask=None, scale=None):
+    """softmax(q k^T / sqrt(hd)) v over all positions (bidirectional); q, k, v: (B, nh, T, hd), key_mask
+    (B, 1, 1, T) True = may be attended. No dropout on the attention probabilities: residual dropout suffices.
+    Example: one query, keys k1 = k2, values [1] and [3] -> [2] (equal scores, equal weights)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.device.type == "cuda":  # the fused kernel: the same maths without a (T, T) matrix in memory
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale)
+    a = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
     if key_mask is not None:
         a = a.masked_fill(~key_mask, float("-inf"))
     return a.softmax(dim=-1) @ v  # (B, nh, T, hd)
@@ -251,30 +89,28 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.p = cfg.n_head, cfg.dropout
         self.ln1 = nn.LayerNorm(cfg.d_model, bias=False)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)  # one fused matmul for q, k, v
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)  # one matmul for q, k and v
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=False)
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        self.p = cfg.dropout
 
-    def forward(self, x, cos, sin, attn_mask, rows=None):
-        """x (B, T, C) -> (B, T, C); with rows = (b, t), index tensors of shape (n,), only those positions'
-        outputs (n, C) (rows may repeat): every position still serves as a key and value, but the projection,
-        residual dropouts and MLP after the attention are row by row, so in the last block the other rows would
-        be work for nothing."""
+    def attn(self, x, cos, sin, key_mask):
         B, T, C = x.shape
-        qkv = self.qkv(self.ln1(x)).view(B, T, 3 * self.n_head, C // self.n_head)  # (B, T, 3nh, hd)
-        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)  # keep bf16 under autocast; sdpa wants one dtype
-        q, k, v = RotaryQKV.apply(qkv, cos, sin, (C // self.n_head) ** -0.5)  # each (B, nh, T, hd)
-        y = attention(q, k, v, attn_mask).transpose(1, 2)  # (B, T, nh, hd)
-        if rows is not None:
-            x, y = x[rows], y[rows]  # (n, C), (n, nh, hd)
-        y = y.reshape(x.shape)  # (B, T, C) or (n, C)
-        x = dropout_add(x, self.proj(y), self.p, self.training)
-        return dropout_add(x, self.out(F.gelu(self.fc(self.ln2(x)), approximate="none")), self.p, self.training)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        y = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, key_mask)  # (B, nh, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+    def mlp(self, x):
+        return self.out(F.gelu(self.fc(x)))
+
+    def forward(self, x, cos, sin, key_mask=None):
+        """x (B, T, C) -> (B, T, C)."""
+        x = x + F.dropout(self.attn(self.ln1(x), cos, sin, key_mask), self.p, self.training)
+        x = x + F.dropout(self.mlp(self.ln2(x)), self.p, self.training)
+        return x
 
 # -----------------------------------------------------------------------------
 # the masked language model
@@ -303,24 +139,18 @@ class MaskedLM(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # lets the head learn token frequency cheaply
         if cfg.nhot:
             self.sub = nn.Embedding(cfg.n_units, cfg.d_model)
-            # the padded table becomes (ids, weights) for one embedding_bag call; pads get weight 0
+            # the padded (V, max_units) table as unit ids and weights 1/sqrt(k); pads: unit 0 with weight 0
             table = nhot_table if nhot_table is not None else torch.full((cfg.vocab_size, cfg.max_units), -1)
             self.register_buffer("nhot_ids", table.clamp(min=0).long())
             present = (table >= 0).float()
             self.register_buffer("nhot_w", present / present.sum(1, keepdim=True).clamp(min=1).sqrt())
-            self.flatten_nhot()
-            self.register_load_state_dict_post_hook(lambda module, keys: module.flatten_nhot())
         # init: N(0, 0.02) everywhere (BERT/GPT-2); the two residual projections of each block are
         # shrunk by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth
-        self.apply(self._init)
+        self.apply(lambda m: nn.init.normal_(m.weight, std=0.02) if isinstance(m, (nn.Linear, nn.Embedding)) else None)
         for blk in self.blocks:
             for lin in (blk.proj, blk.out):
                 nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
         self._rope = (0, None, None)  # cache: (T, cos, sin)
-
-    def _init(self, m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
 
     def num_params(self, embeddings=True):
         """Parameter count; embeddings=False leaves out the token and sub-token tables (and the output bias)."""
@@ -329,29 +159,14 @@ class MaskedLM(nn.Module):
             n -= self.tok.weight.numel() + self.out_bias.numel() + (self.sub.weight.numel() if self.config.nhot else 0)
         return n
 
-    def flatten_nhot(self):
-        """The padded (V, max_units) table without its pads, as embedding_bag takes it: every token's unit ids
-        and 1/sqrt(k) weights in one flat row, plus where each token's units start (an average token has far
-        fewer units than the longest one); and the same table transposed, each unit's tokens, for the backward.
-        Derived from the saved buffers, so rebuilt after a state-dict load.
-        Example: units [[3, 5, pad], [5, pad, pad]], 6 units -> ids [3, 5, 5], offsets [0, 2];
-        transposed: tokens [0, 0, 1], offsets [0, 0, 0, 0, 1, 1] (unit 3: token 0; unit 5: tokens 0 and 1)."""
-        present = self.nhot_w > 0
-        ids, w, k = self.nhot_ids[present], self.nhot_w[present], present.sum(1)  # k: units per token
-        token = torch.arange(len(k), device=ids.device).repeat_interleave(k)  # each entry's token
-        by_unit = torch.argsort(ids, stable=True)
-        starts = lambda counts: F.pad(counts.cumsum(0)[:-1], (1, 0))  # where each row's entries begin
-        for name, t in (("flat_ids", ids), ("flat_w", w), ("offsets", starts(k)),
-                        ("t_ids", token[by_unit]), ("t_w", w[by_unit]),
-                        ("t_offsets", starts(torch.bincount(ids, minlength=self.config.n_units)))):
-            self.register_buffer("nhot_" + name, t, persistent=False)
-
     def embedding_matrix(self):
-        """The composed (vocab, d_model) matrix E = E_tok + N . E_sub, built once per forward pass."""
+        """The composed (vocab, d_model) matrix E = E_tok + N . E_sub, built once per forward pass.
+        Example: token 7 with units [3, 9] (weights 1/sqrt(2)): E[7] = E_tok[7] + (E_sub[3] + E_sub[9]) / sqrt(2)."""
         if not self.config.nhot:
             return self.tok.weight
-        nsum = NHotSum.apply(self.sub.weight, (self.nhot_flat_ids, self.nhot_offsets, self.nhot_flat_w),
-                             (self.nhot_t_ids, self.nhot_t_offsets, self.nhot_t_w))  # (V, C)
+        if self.config.fast:
+            return self.tok.weight + fast.nhot_sum(self)
+        nsum = F.embedding_bag(self.nhot_ids, self.sub.weight, per_sample_weights=self.nhot_w, mode="sum")  # (V, C)
         return self.tok.weight + nsum
 
     def rope(self, T, device):
@@ -364,33 +179,48 @@ class MaskedLM(nn.Module):
         """input_ids (B, T) -> (logits, loss).
         With labels (B, T) (-100 = no target): logits (n_labelled, V) only at the targets, loss = mean CE.
         Without labels: logits (B, T, V), loss None. attention_mask (B, T): 1 = token, 0 = padding."""
-        B, T = input_ids.shape
+        if self.config.fast:
+            return fast.forward(self, input_ids, labels, attention_mask)
         E = self.embedding_matrix()
-        # sparse: the lookup's gradient is only the B*T looked-up rows, added straight into the head's dense (V, C)
-        # gradient for E, instead of a zeroed (V, C) buffer plus one more (V, C) addition (torch.compile can't trace it)
-        sparse = not torch.compiler.is_compiling()
-        x = dropout(F.embedding(input_ids, E, sparse=sparse), self.config.dropout, self.training)  # (B, T, C)
-        cos, sin = self.rope(T, input_ids.device)
-        mask = None  # None keeps sdpa on its fastest kernel when nothing is padded
-        if attention_mask is not None:
-            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): which keys may be attended
-        rows = None
-        if labels is not None:
-            # only the positions with a target (15-40 %) reach the loss: the head, and the last block after its
-            # attention, run on those rows alone. The same maths as the full path, ~10 % of a training step saved
-            # (in training, the last block's dropout masks are drawn for these rows only)
-            b, t = (labels != -100).nonzero(as_tuple=True)  # (n,) each: where the targets are
-            n = len(b)
-            # round the row count up to a multiple of 128: a handful of distinct (n, V) shapes instead of one per
-            # step keeps the allocator reusing its blocks (otherwise a CPU process grows ~1 GB per 100 steps)
-            i = F.pad(torch.arange(n, device=b.device), (0, -n % 128))  # the pad rows repeat the first target ...
-            rows = b[i], t[i]
-            y = labels[rows]
-            y[n:] = -100  # ... with no target, so they add nothing to the loss or the gradients
-        for blk in self.blocks[:-1]:
-            x = blk(x, cos, sin, mask)
-        x = self.blocks[-1](x, cos, sin, mask, rows)  # (B, T, C), or (n rounded up, C) with labels
+        x = F.dropout(F.embedding(input_ids, E), self.config.dropout, self.training)  # (B, T, C)
+        cos, sin = self.rope(input_ids.shape[1], input_ids.device)
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, key_mask)
         if labels is None:
             return F.linear(self.ln_f(x), E, self.out_bias), None  # (B, T, V)
-        logits, loss = LinearCrossEntropy.apply(self.ln_f(x), E, self.out_bias, y)  # (n rounded up, V), mean CE
-        return logits[:n], loss  # (n_labelled, V)
+        # only the positions with a target (15-40 %) reach the loss: the head runs on those rows alone
+        targets = labels != -100
+        logits = F.linear(self.ln_f(x[targets]), E, self.out_bias)  # (n_labelled, V)
+        return logits, F.cross_entropy(logits.float(), labels[targets])
+
+# -----------------------------------------------------------------------------
+# where the model runs: device and precision, for train.py and evaluate.py
+
+def pick_device(name="auto"):
+    """"auto" -> cuda if there is a GPU, else cpu; other names are checked. Example: "cpu" -> device(type='cpu')."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported (use auto, cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} was asked for, but no CUDA GPU is available")
+    return device
+
+def native_bf16(device):
+    """Whether bf16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AMX tiles or AVX512-BF16 (on other
+    CPUs bf16 is emulated and slower than fp32). Example: an AMD EPYC with AVX2 only -> False."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private torch API: absent -> no
+    return device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in probes)
+
+def pick_dtype(device, precision="auto"):
+    """"auto" -> "bf16" where bf16 is native (autocast), else "fp32". Example: (cpu without AMX, "auto") -> "fp32"."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision

@@ -5,6 +5,7 @@ Two small figures from finished runs (needs matplotlib, which the project itself
         the paper's Figure 1: average masking probability by frequency rank over training, from amlm.csv
     python plot.py curves out/uniform out/harddecay --png docs/curves.png
         BLiMP macro accuracy against words seen, from the blimp_*.json files evaluate.py wrote
+        (their "accuracy": the mean of the accuracy tasks)
 
 Paper: Edman & Fraser, "Mask and You Shall Receive", BabyLM 2025.
 """
@@ -34,7 +35,7 @@ def curves(runs, ax):
             res = json.load(open(f))
             words = res.get("words_seen")  # older result files only have it in their name: blimp_<N>M.json
             x = words / 1e6 if words is not None else int(re.search(r"blimp_(\d+)M", f).group(1))
-            pts.append((x, res["overall"]))
+            pts.append((x, res["accuracy"] if "accuracy" in res else res["overall"]))  # older files: "overall"
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=os.path.basename(os.path.normpath(run)))
     ax.axhline(50, color="grey", lw=0.5)

@@ -1,0 +1,127 @@
+"""
+Benchmarks (not tests) for amlm, a PyTorch reimplementation of Edman & Fraser, "Mask and You Shall
+Receive: Optimizing Masked Language Modeling for Pretraining BabyLMs" (BabyLM 2025).
+
+    python bench.py model [--rounds 7] [--dtypes fp32,bf16]
+        training-step throughput of MaskedLM: fast.py on and off, N-hot on and off, and Hugging Face's
+        BertForMaskedLM of the same shape when transformers is installed (a benchmark-only peer)
+    python bench.py data --corpus babylm_10M --vocab-size 16384 [--data-dir /tmp/bench_data]
+        a cold `python data.py` (tokenizer training + encoding) into a fresh data dir, then a cache hit
+
+The model benchmark: 4 layers, d_model 256, 4 heads, d_ff 1024, vocab 16384, dropout 0.1, batches of
+32 x 128 tokens with 15 % of the positions masked, AdamW. One timed step is forward + backward + AdamW step.
+The contenders run back to back, round after round, in one process; a ratio is taken per round (the
+machine's speed drifts less within a round) and the median is reported with the per-round range.
+"""
+import argparse, os, re, shutil, statistics, subprocess, sys, time
+
+import torch
+
+L, H, A, F, V, T, B, P = 4, 256, 4, 1024, 16384, 128, 32, 0.15
+
+# -----------------------------------------------------------------------------
+# model: training-step throughput
+
+def masked_batch(gen):
+    x = torch.randint(5, V, (B, T), generator=gen)
+    sel = torch.rand(B, T, generator=gen) < P
+    return torch.where(sel, 4, x), torch.where(sel, x, -100)
+
+def ours(fast=True, nhot=False):
+    from model import MaskedLM, ModelConfig
+    table = None
+    if nhot:  # 6 units per token, about what a 4-5 character word's 1- to 3-grams give after pruning
+        table = torch.randint(0, 4096, (V, 8), generator=torch.Generator().manual_seed(1))
+        table[:, 6:], table[:5] = -1, -1
+    m = MaskedLM(ModelConfig(vocab_size=V, n_layer=L, n_head=A, d_model=H, d_ff=F, max_len=T, dropout=0.1, fast=fast), table)
+    return m, lambda inp, lab: m(inp, labels=lab)[1]
+
+def bert():
+    from transformers import BertConfig, BertForMaskedLM
+    m = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=A,
+                                   intermediate_size=F, max_position_embeddings=T, attn_implementation="sdpa"))
+    return m, lambda inp, lab: m(input_ids=inp, labels=lab).loss
+
+def runner(model, loss_fn, bf16):
+    """A function k -> tokens per second over k training steps (after two warm-up steps)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = [masked_batch(torch.Generator().manual_seed(i)) for i in range(4)]
+    def run(k):
+        t = time.perf_counter()
+        for i in range(k):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(*batches[i % 4])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return B * T * k / (time.perf_counter() - t)
+    run(2)
+    return run
+
+def bench_model(a):
+    contenders = {"ours (fast)": ours, "ours (plain, --no-fast)": lambda: ours(fast=False),
+                  "ours (fast) + N-hot": lambda: ours(nhot=True)}
+    try:
+        import transformers  # noqa: F401
+        contenders["HF BertForMaskedLM"] = bert
+    except ImportError:
+        print("transformers is not installed: BertForMaskedLM not measured (pip install transformers)")
+    ratios = [("ours (fast)", "ours (plain, --no-fast)", "fast.py speed-up"),
+              ("ours (fast)", "HF BertForMaskedLM", "ours / BertForMaskedLM"),
+              ("ours (fast)", "ours (fast) + N-hot", "N-hot cost (slow-down)")]
+    for dtype in a.dtypes.split(","):
+        runs = {}
+        for name, make in contenders.items():
+            torch.manual_seed(0)
+            runs[name] = runner(*make(), bf16=dtype == "bf16")
+        tps = {name: [] for name in runs}
+        for _ in range(a.rounds):
+            for name, run in runs.items():
+                tps[name].append(run(a.steps))
+        print(f"\n[{dtype}] {a.rounds} rounds of {a.steps} steps, {torch.get_num_threads()} threads")
+        for name, v in tps.items():
+            print(f"  {name:26s} {statistics.median(v):8.0f} tok/s (range {min(v):.0f}-{max(v):.0f})")
+        for x, y, what in ratios:
+            if x in tps and y in tps:
+                r = [p / q for p, q in zip(tps[x], tps[y])]
+                show = (lambda v: f"{100 * (v - 1):.1f} %") if "cost" in what else (lambda v: f"{v:.2f}x")
+                print(f"  {what:26s} {show(statistics.median(r))} (per-round {show(min(r))} to {show(max(r))})")
+
+# -----------------------------------------------------------------------------
+# data: tokenizer training, encoding, cache
+
+def run_data_py(args):
+    """Run data.py in a child process -> (wall seconds, peak memory GB, its output)."""
+    t0 = time.time()
+    p = subprocess.Popen([sys.executable, "data.py", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"data.py failed:\n{out}")
+    return time.time() - t0, usage.ru_maxrss / 2**20, out  # ru_maxrss is in KiB on Linux
+
+def bench_data(a):
+    shutil.rmtree(a.data_dir, ignore_errors=True)  # cold: no cache
+    corpus = os.path.abspath(os.path.join("data", a.corpus)) if os.path.isdir(os.path.join("data", a.corpus)) else a.corpus
+    args = ["--corpus", corpus, "--data-dir", a.data_dir, "--vocab-size", str(a.vocab_size), "--quiet"]
+    for name in ("cold", "cache hit"):
+        secs, gb, out = run_data_py(args)
+        print(f"{name:>9}: {secs:6.1f} s wall (the whole process), peak RSS {gb:.2f} GB")
+    print(out.strip())
+    print(f"tokens/word {float(re.search(r'tokens/word ([0-9.]+)', out).group(1)):.3f}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("model", help="training-step throughput against BertForMaskedLM")
+    m.add_argument("--rounds", type=int, default=7)
+    m.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    m.add_argument("--dtypes", default="fp32,bf16")
+    d = sub.add_parser("data", help="tokenizer and cache build")
+    d.add_argument("--corpus", default="babylm_10M", help="a path, or a corpus name already in data/")
+    d.add_argument("--data-dir", default="/tmp/bench_data", help="a scratch folder: it is deleted first")
+    d.add_argument("--vocab-size", type=int, default=16384)
+    a = ap.parse_args()
+    bench_model(a) if a.what == "model" else bench_data(a)
