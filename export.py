@@ -116,7 +116,8 @@ def char_class(pattern):
 
 @functools.lru_cache(None)
 def hf_patterns():
-    """(whitespace run, pre-token pattern) for the Rust regex engine, with classes spelled out from Python's."""
+    """(whitespace run, pre-token pattern) for the Rust regex engine, with classes spelled out from Python's.
+    Example: -> ("[\\x{9}-\\x{D}\\x{1C}-\\x{20}...\\x{2581}]+", "\\x{2581}?(?:[\\x{41}-\\x{5A}\\x{61}-...]+(?:['\\x{2019}]...")"""
     if data.PAT.pattern != PAT_TRANSLATED:
         raise ExportError("data.PAT has changed; update export.py's translation of it (and its tests)")
     space = char_class(r"\s")  # \s of str patterns is str.isspace, what str.split() splits on
@@ -127,7 +128,9 @@ def hf_patterns():
 
 
 def tokenizer_json(tok):
-    """data.Tokenizer -> the dict of a tokenizer.json (see the module docstring for the pipeline)."""
+    """data.Tokenizer -> the dict of a tokenizer.json (see the module docstring for the pipeline).
+    Example: a tokenizer with merges [(a, b)] -> {..., "model": {"type": "BPE", "vocab": {"[PAD]": 0, ...,
+    "ab": 264}, "merges": [["a", "b"]], "byte_fallback": True, ...}}"""
     if len(set(tok.tokens)) != len(tok.tokens):
         # Hugging Face's vocabulary maps strings to ids, so two ids with one string cannot both exist there.
         # Our BPE merges id pairs and could in principle build one string twice; measured: no such pair in
@@ -204,7 +207,9 @@ def write_safetensors(tensors, path):
 # the folder
 
 def config_json(cfg, ckpt):
-    """config.json: the ModelConfig fields under their own names, plus what transformers needs to find the code."""
+    """config.json: the ModelConfig fields under their own names, plus what transformers needs to find the code.
+    Example: -> {"architectures": ["AmlmForMaskedLM"], "model_type": "amlm", "auto_map": {"AutoModel":
+    "modeling_amlm.AmlmModel", ...}, "vocab_size": 16384, "n_layer": 4, ..., "amlm_step": 2450}"""
     auto = {"AutoConfig": "AmlmConfig", "AutoModel": "AmlmModel", "AutoModelForMaskedLM": "AmlmForMaskedLM",
             "AutoModelForSequenceClassification": "AmlmForSequenceClassification"}
     return {"architectures": ["AmlmForMaskedLM"], "model_type": "amlm",
@@ -216,7 +221,8 @@ def config_json(cfg, ckpt):
 
 
 def write_folder(ckpt_path, folder):
-    """Write the Hugging Face files of one checkpoint into folder (which must exist and be empty)."""
+    """Write the Hugging Face files of one checkpoint into folder (which must exist and be empty).
+    Example: write_folder("out/run/ckpt_5M.pt", tmp / "chck_5M") -> config.json, model.safetensors, ... in it"""
     ckpt, cfg, tok = load(ckpt_path)
     files = tokenizer_files(tok)
     files["config.json"] = json.dumps(config_json(cfg, ckpt), indent=1) + "\n"

@@ -52,14 +52,16 @@ class AmlmConfig(PretrainedConfig):
 
 
 def rope(T, head_dim, base, device):
-    """cos, sin of shape (T, head_dim/2): position t turns channel pair j by t * base^(-2j/head_dim)."""
+    """cos, sin of shape (T, head_dim/2): position t turns channel pair j by t * base^(-2j/head_dim).
+    Example: T=2, head_dim=2 -> cos [[1.], [0.5403]], sin [[0.], [0.8415]] (angles 0 and 1 rad)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the two halves of each head's channels (x: (B, nh, T, hd)) by the position's angles."""
+    """Rotate the two halves of each head's channels (x: (B, nh, T, hd)) by the position's angles.
+    Example: x = [1, 0] at an angle of 90 degrees (cos 0, sin 1) -> [0, 1]."""
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
