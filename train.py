@@ -94,10 +94,12 @@ def get_parser():
       help="micro-steps per optimizer step in each process; the batch stays --batch-tokens (default: %(default)s)")
     a("--seq-len", default="64,256",
       help="sequence lengths, comma-separated, each used for an equal share of the steps (default: %(default)s)")
-    a("--lr", type=positive(float), default=1e-3, help="peak learning rate, AdamW (default: %(default)s)")
+    a("--lr", type=positive(float), default=1e-3, help="peak learning rate (default: %(default)s)")
+    a("--optimizer", default="adamw", choices=["adamw", "lamb"],
+      help="adamw, or lamb as in the paper's code (which used --lr 7e-3 --weight-decay 0.1) (default: %(default)s)")
     a("--warmup", type=non_negative(float), default=0.02,
       help="warmup steps; a value < 1 is a fraction of all steps (default: %(default)s)")
-    a("--weight-decay", type=non_negative(float), default=0.01, help="AdamW weight decay on matrices (default: %(default)s)")
+    a("--weight-decay", type=non_negative(float), default=0.01, help="weight decay on matrices (default: %(default)s)")
     a("--grad-clip", type=positive(float), default=1.0, help="clip the gradient's global norm to this (default: %(default)s)")
     a("--seed", type=number(int, 0, 2**63, low_ok=True, what="in [0, 2^63)"), default=1337,
       help="seeds the initialisation, the data order and the masking (default: %(default)s)")
@@ -250,14 +252,45 @@ def build(args, shape, d):
     model = MaskedLM(cfg, nhot_table=d.nhot_table if args.nhot else None).to(args.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices, not on norms or biases
     rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)  # fused: one kernel, not one per tensor
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if args.optimizer == "lamb":
+        opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    else:  # fused: one kernel, not one per tensor
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     specials = [data.PAD, data.CLS, data.SEP, data.UNK, data.MASK]
     freqs = torch.bincount(torch.from_numpy(d.train[: 50_000_000].astype("int64")), minlength=V)
     amlm = AMLM(V, specials, data.MASK, rate=args.mask_rate_start, metric=args.masking, ema=args.amlm_ema,
                 update_every=args.amlm_update_every, frequencies=freqs).to(args.device)
     amlm15 = AMLM(V, specials, data.MASK, rate=0.15, metric="uniform").to(args.device)
     return model, opt, amlm, amlm15
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning"): Adam's step with decoupled weight
+    decay, u = m_hat / (sqrt(v_hat) + eps) + wd * w, rescaled per tensor by the trust ratio ||w|| / ||u||, so each
+    layer moves by about lr times its own size. Example: w [3, 4], gradient [1, 0], first step, wd 0, lr 0.1:
+    m_hat [1, 0], v_hat [1, 0], u [1, 0], trust 5 / 1 -> w [3 - 0.1 * 5, 4] = [2.5, 4]."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g, state = w.grad.to_dense(), self.state[w]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(w), v=torch.zeros_like(w))
+                state["step"] += 1
+                m, v, t = state["m"], state["v"], state["step"]
+                m.lerp_(g, 1 - b1)                    # m = b1 m + (1 - b1) g
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
+                u = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps) + wd * w
+                w_norm, u_norm = w.norm(), u.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+                w.sub_(lr * trust * u)
 
 def init_distributed(args):
     """Under torchrun (WORLD_SIZE is set): join the process group, gloo on CPU and nccl on CUDA with one GPU per
