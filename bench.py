@@ -5,6 +5,8 @@ Receive: Optimizing Masked Language Modeling for Pretraining BabyLMs" (BabyLM 20
     python bench.py model [--rounds 7] [--dtypes fp32,bf16]
         training-step throughput of MaskedLM: fast.py on and off, N-hot on and off, and Hugging Face's
         BertForMaskedLM of the same shape when transformers is installed (a benchmark-only peer)
+    python bench.py pieces [--repeat 20]
+        each speed piece of fast.py against its plain twin, forward + backward, at the model benchmark's shape
     python bench.py data --corpus babylm_10M --vocab-size 16384 [--data-dir /tmp/bench_data]
         a cold `python data.py` (tokenizer training + encoding) into a fresh data dir, then a cache hit
 
@@ -88,6 +90,52 @@ def bench_model(a):
                 print(f"  {what:26s} {show(statistics.median(r))} (per-round {show(min(r))} to {show(max(r))})")
 
 # -----------------------------------------------------------------------------
+# pieces: each of fast.py's pieces against its plain twin
+
+def pieces():
+    """(name, plain twin, fast piece) triples: functions of no arguments that run forward + backward once."""
+    import fast, model as plain
+    torch.manual_seed(0)
+    hd, n = H // A, int(B * T * P)
+    qkv = torch.randn(B, T, 3 * A, hd, requires_grad=True)
+    cos, sin = plain.rope_tables(T, hd, "cpu")
+    def rope_plain():
+        q, k, v = qkv.view(B, T, 3, A, hd).permute(2, 0, 3, 1, 4)
+        (plain.apply_rope(q, cos, sin) * hd ** -0.5 + plain.apply_rope(k, cos, sin) + v).sum().backward()
+    def rope_fast():
+        q, k, v = fast.RotaryQKV.apply(qkv, cos, sin, hd ** -0.5)
+        (q + k + v).sum().backward()
+    x, y = torch.randn(B, T, H, requires_grad=True), torch.randn(B, T, H, requires_grad=True)
+    h, E, b = torch.randn(n, H, requires_grad=True), torch.randn(V, H, requires_grad=True), torch.zeros(V, requires_grad=True)
+    t = torch.randint(5, V, (n,))
+    m = ours(nhot=True)[0]
+    def lce_plain():
+        torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, E, b), t).backward()
+    def nhot_plain():
+        torch.nn.functional.embedding_bag(m.nhot_ids, m.sub.weight, per_sample_weights=m.nhot_w, mode="sum").sum().backward()
+    return [("RoPE + q/k/v split", rope_plain, rope_fast),
+            ("dropout (0.1)", lambda: torch.nn.functional.dropout(x, 0.1, True).sum().backward(),
+             lambda: fast.dropout(x, 0.1, True).sum().backward()),
+            ("residual add + dropout", lambda: (x + torch.nn.functional.dropout(y, 0.1, True)).sum().backward(),
+             lambda: fast.dropout_add(x, y, 0.1, True).sum().backward()),
+            ("tied head + loss", lce_plain, lambda: fast.LinearCrossEntropy.apply(h, E, b, t)[1].backward()),
+            ("N-hot sum (6 units/token)", nhot_plain, lambda: fast.nhot_sum(m).sum().backward())]
+
+def bench_pieces(a):
+    print(f"forward + backward, median of {a.repeat} calls, {torch.get_num_threads()} threads, shape of `bench.py model`")
+    for name, slow, quick in pieces():
+        times = []
+        for f in (slow, quick):
+            f(), f()  # warm-up
+            ts = []
+            for _ in range(a.repeat):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            times.append(statistics.median(ts) * 1e3)
+        print(f"  {name:28s} plain {times[0]:7.2f} ms   fast {times[1]:7.2f} ms   saves {times[0] - times[1]:6.2f} ms")
+
+# -----------------------------------------------------------------------------
 # data: tokenizer training, encoding, cache
 
 def run_data_py(args):
@@ -119,9 +167,11 @@ if __name__ == "__main__":
     m.add_argument("--rounds", type=int, default=7)
     m.add_argument("--steps", type=int, default=6, help="timed steps per round")
     m.add_argument("--dtypes", default="fp32,bf16")
+    pc = sub.add_parser("pieces", help="fast.py's pieces against their plain twins")
+    pc.add_argument("--repeat", type=int, default=20)
     d = sub.add_parser("data", help="tokenizer and cache build")
     d.add_argument("--corpus", default="babylm_10M", help="a path, or a corpus name already in data/")
     d.add_argument("--data-dir", default="/tmp/bench_data", help="a scratch folder: it is deleted first")
     d.add_argument("--vocab-size", type=int, default=16384)
     a = ap.parse_args()
-    bench_model(a) if a.what == "model" else bench_data(a)
+    {"model": bench_model, "pieces": bench_pieces, "data": bench_data}[a.what](a)

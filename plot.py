@@ -1,11 +1,14 @@
 """
-Two small figures from finished runs (needs matplotlib, which the project itself does not):
+Small figures from finished runs (needs matplotlib, which the project itself does not):
 
     python plot.py figure1 out/harddecay --png docs/figure1.png
         the paper's Figure 1: average masking probability by frequency rank over training, from amlm.csv
     python plot.py curves out/uniform out/harddecay --png docs/curves.png
         BLiMP macro accuracy against words seen, from the blimp_*.json files evaluate.py wrote
         (their "accuracy": the mean of the accuracy tasks)
+    python plot.py seeds out/sci/U-1337 out/sci/U-1 out/sci/H-1337 ... --png docs/seeds.png
+        BLiMP-fast and WUG against words seen for runs named <configuration>-<seed>, from the eval_*.json
+        files evaluate.py wrote with both tasks: one colour per configuration, one line per seed
 
 Paper: Edman & Fraser, "Mask and You Shall Receive", BabyLM 2025.
 """
@@ -42,9 +45,30 @@ def curves(runs, ax):
     ax.set(xlabel="million words seen", ylabel="BLiMP-fast macro accuracy (%)", title="learning curves")
 
 
+def seeds(runs, axes):
+    colours = {}
+    for run in runs:
+        config, _, seed = os.path.basename(os.path.normpath(run)).rpartition("-")
+        colour = colours.setdefault(config, f"C{len(colours)}")
+        pts = []
+        for f in glob.glob(os.path.join(run, "eval_*.json")):
+            res = json.load(open(f))
+            scores = {name.split("/")[0]: t["score"] for name, t in res["tasks"].items()}
+            pts.append((res["words_seen"] / 1e6, scores.get("blimp_fast"), scores.get("wug_adj_dev")))
+        pts.sort()
+        for ax, i in zip(axes, (1, 2)):
+            xs = [p for p in pts if p[i] is not None]
+            ax.plot([p[0] for p in xs], [p[i] for p in xs], "o-" if seed == "1337" else "s--", color=colour, ms=3,
+                    label=f"{config} seed {seed}")
+    axes[0].axhline(50, color="grey", lw=0.5)
+    axes[0].set(xlabel="million words seen", ylabel="BLiMP-fast macro accuracy (%)", title="BLiMP-fast")
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[1].set(xlabel="million words seen", ylabel="Spearman rho x 100", title="WUG adjective nominalisation")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["figure1", "curves"])
+    p.add_argument("what", choices=["figure1", "curves", "seeds"])
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--png", required=True)
     a = p.parse_args()
@@ -54,12 +78,14 @@ if __name__ == "__main__":
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("plot.py needs matplotlib (pip install matplotlib); training and evaluation do not")
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
+    fig, ax = plt.subplots(1, 2 if a.what == "seeds" else 1, figsize=(10 if a.what == "seeds" else 6, 3.6), dpi=90)
     try:
-        figure1(a.runs[0], ax) if a.what == "figure1" else curves(a.runs, ax)
-    except (OSError, KeyError, ValueError) as e:
+        {"figure1": lambda: figure1(a.runs[0], ax), "curves": lambda: curves(a.runs, ax),
+         "seeds": lambda: seeds(a.runs, ax)}[a.what]()
+    except (OSError, KeyError, ValueError, TypeError) as e:
         sys.exit(f"error: cannot read the run folder: {e}")
-    ax.legend(fontsize=7)
+    for x in ax if a.what == "seeds" else [ax]:
+        x.legend(fontsize=6)
     fig.tight_layout()
     os.makedirs(os.path.dirname(a.png) or ".", exist_ok=True)
     fig.savefig(a.png)

@@ -803,6 +803,39 @@ def test_ctrl_c_saves_latest(data_dir, tmp_path):
     assert ck["step"] >= 10 and not (tmp_path / "train.lock").exists()
 
 
+def test_lamb_follows_the_published_update():
+    # the docstring's worked example: w [3, 4], gradient [1, 0]: trust ratio 5, one step of lr 0.1 * 5 = 0.5
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    w.grad = torch.tensor([1.0, 0.0])
+    train.Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=1e-9).step()
+    assert torch.allclose(w.data, torch.tensor([2.5, 4.0]))
+    # You et al. 2020, Algorithm 2, written out in numpy for two tensors over three steps, with weight decay
+    rng = np.random.default_rng(0)
+    ws = [rng.normal(size=(3, 2)), rng.normal(size=4)]
+    params = [torch.nn.Parameter(torch.tensor(x)) for x in ws]
+    opt = train.Lamb(params, lr=0.01, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    ms, vs = [np.zeros_like(x) for x in ws], [np.zeros_like(x) for x in ws]
+    for t in range(1, 4):
+        grads = [rng.normal(size=x.shape) for x in ws]
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g)
+        opt.step()
+        for i, g in enumerate(grads):
+            ms[i] = 0.9 * ms[i] + 0.1 * g
+            vs[i] = 0.98 * vs[i] + 0.02 * g * g
+            r = (ms[i] / (1 - 0.9 ** t)) / (np.sqrt(vs[i] / (1 - 0.98 ** t)) + 1e-6) + 0.1 * ws[i]
+            ws[i] = ws[i] - 0.01 * np.linalg.norm(ws[i]) / np.linalg.norm(r) * r
+    for p, x in zip(params, ws):
+        assert np.allclose(p.detach().numpy(), x, atol=1e-12)
+
+def test_train_with_lamb_resumes_exactly(data_dir, tmp_path):
+    straight = run(["--optimizer", "lamb", "--max-steps", "8"], data_dir, tmp_path / "a")
+    run(["--optimizer", "lamb", "--max-steps", "8", "--stop-after", "4"], data_dir, tmp_path / "b")
+    train.main(["--resume", str(tmp_path / "b"), "--data-dir", data_dir])
+    resumed = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)
+    assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
+    assert straight["optimizer"]["state"][0]["step"] == 8
+
 # -----------------------------------------------------------------------------
 # train.py under torchrun: the same run on 1 or 2 processes, with or without gradient accumulation
 

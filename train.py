@@ -14,7 +14,7 @@ of the 10 M-word strict-small corpus, sequences of 64 then 256 tokens at 16,384 
 The run folder holds latest.pt, ckpt_<N>M.pt (N = million words seen), summary.json, log.txt, amlm.csv, and
 train.lock while a process uses it. A new run refuses a folder that holds one (--resume or --overwrite).
 """
-import argparse, csv, datetime, functools, hashlib, json, math, os, re, resource, signal, socket, sys, time
+import argparse, csv, datetime, hashlib, json, math, os, resource, signal, sys, time
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+from runs import open_run, releases_run
 from amlm import AMLM, mask_rate, top1_hits
 from model import SIZES, MaskedLM, ModelConfig, pick_device, pick_dtype
 
@@ -93,10 +94,12 @@ def get_parser():
       help="micro-steps per optimizer step in each process; the batch stays --batch-tokens (default: %(default)s)")
     a("--seq-len", default="64,256",
       help="sequence lengths, comma-separated, each used for an equal share of the steps (default: %(default)s)")
-    a("--lr", type=positive(float), default=1e-3, help="peak learning rate, AdamW (default: %(default)s)")
+    a("--lr", type=positive(float), default=1e-3, help="peak learning rate (default: %(default)s)")
+    a("--optimizer", default="adamw", choices=["adamw", "lamb"],
+      help="adamw, or lamb as in the paper's code (which used --lr 7e-3 --weight-decay 0.1) (default: %(default)s)")
     a("--warmup", type=non_negative(float), default=0.02,
       help="warmup steps; a value < 1 is a fraction of all steps (default: %(default)s)")
-    a("--weight-decay", type=non_negative(float), default=0.01, help="AdamW weight decay on matrices (default: %(default)s)")
+    a("--weight-decay", type=non_negative(float), default=0.01, help="weight decay on matrices (default: %(default)s)")
     a("--grad-clip", type=positive(float), default=1.0, help="clip the gradient's global norm to this (default: %(default)s)")
     a("--seed", type=number(int, 0, 2**63, low_ok=True, what="in [0, 2^63)"), default=1337,
       help="seeds the initialisation, the data order and the masking (default: %(default)s)")
@@ -242,106 +245,6 @@ def load_data(args, rank=0):
               "the run goes on without validation losses", file=sys.stderr)
     return d
 
-# -----------------------------------------------------------------------------
-# the run folder: made and locked before any work, released however the run ends
-
-RUN_FILES = re.compile(r"latest\.pt|ckpt_\d+M\.pt|summary\.json|log\.txt|amlm\.csv")  # what train.py writes there
-HELD = []  # (lock file, the run folder if this process made it) for release_run
-
-def open_run(args, rank=0):
-    """The run folder, made and locked: one process per folder, and a new run never replaces an old one by
-    accident (--resume continues it, --overwrite deletes its files first). Sets args.out. Under torchrun only
-    rank 0 touches the folder; the others wait for its verdict (a refusal stops them all).
-    Example: `train.py --out X` while another train.py runs in X -> "error: X is in use by pid 4242@host ..." """
-    out = args.out = args.out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.corpus))}-{args.size}-{args.masking}")
-    if rank != 0:
-        dist.barrier()
-        return out
-    if os.path.exists(out) and not os.path.isdir(out):
-        sys.exit(f"error: --out {out} is a file, not a folder")
-    made = not os.path.exists(out)
-    try:
-        os.makedirs(out, exist_ok=True)
-        take_lock(os.path.join(out, "train.lock"))
-    except OSError as e:
-        sys.exit(f"error: cannot write to the run folder {out} ({e.strerror})")
-    HELD.append((os.path.join(out, "train.lock"), out if made else None))
-    found = sorted(f for f in os.listdir(out) if RUN_FILES.fullmatch(f))
-    if found and not args.resume and not args.overwrite:
-        sys.exit(f"error: {out} already holds a run (latest.pt); continue it with --resume {out}, replace it with "
-                 "--overwrite, or pick another --out" if "latest.pt" in found else
-                 f"error: {out} holds files of an earlier run ({', '.join(found)}) but no latest.pt to resume from; "
-                 "replace them with --overwrite, or pick another --out")
-    for f in found if args.overwrite else []:
-        os.remove(os.path.join(out, f))
-    if dist.is_initialized():
-        dist.barrier()  # the folder is ours: the other processes may go on
-    return out
-
-def lock_owner():
-    return f"{os.getpid()}@{socket.gethostname()}"
-
-def take_lock(path):
-    """Create the lock file, holding pid@host, or exit naming who holds it. A lock left on this host by a process
-    that is gone (killed, or its machine restarted) is taken over with a warning. Example: a lock "999999@here"
-    with no process 999999 -> "warning: taking over ..." and the lock now holds this process."""
-    for _ in range(3):
-        try:
-            with open(path, "x") as f:  # "x": create, or fail if it exists, in one step
-                f.write(lock_owner())
-            return
-        except FileExistsError:
-            pass
-        try:
-            holder = open(path).read().strip()
-        except FileNotFoundError:
-            continue  # released meanwhile: try again
-        pid, _, host = holder.partition("@")
-        if not (host == socket.gethostname() and pid.isdigit() and not alive(int(pid))):
-            sys.exit(f"error: {os.path.dirname(path)} is in use by another train.py (pid {holder or '?'}, see {path}); "
-                     "wait for it, pick another --out, or delete the lock file if that process is gone")
-        print(f"warning: taking over {path}, left by pid {pid}, which is no longer running", file=sys.stderr)
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-    sys.exit(f"error: {os.path.dirname(path)} is being claimed by another train.py at the same moment")
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, and belongs to someone else
-    return True
-
-def release_run():
-    """Remove this process's lock files, and a run folder it made and left empty (a run refused early)."""
-    while HELD:
-        lock, made = HELD.pop()
-        try:
-            if open(lock).read() == lock_owner():
-                os.remove(lock)
-            if made:
-                os.rmdir(made)
-        except OSError:
-            pass  # not ours any more, or the folder holds files: keep it
-
-def releases_run(main):
-    """main, with the run folder released however it ends: a return, sys.exit, an exception, or Ctrl-C before
-    the training loop (which handles Ctrl-C itself); that one exits 130 with one line."""
-    @functools.wraps(main)
-    def wrapped(argv=None):
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            print("interrupted before training started; nothing was saved", file=sys.stderr)
-            sys.exit(130)
-        finally:
-            release_run()
-    return wrapped
-
 def build(args, shape, d):
     """The model, its optimizer and the two maskers (the run's AMLM, and uniform 15 % for validation)."""
     V = d.tokenizer.vocab_size
@@ -349,14 +252,45 @@ def build(args, shape, d):
     model = MaskedLM(cfg, nhot_table=d.nhot_table if args.nhot else None).to(args.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices, not on norms or biases
     rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)  # fused: one kernel, not one per tensor
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if args.optimizer == "lamb":
+        opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    else:  # fused: one kernel, not one per tensor
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     specials = [data.PAD, data.CLS, data.SEP, data.UNK, data.MASK]
     freqs = torch.bincount(torch.from_numpy(d.train[: 50_000_000].astype("int64")), minlength=V)
     amlm = AMLM(V, specials, data.MASK, rate=args.mask_rate_start, metric=args.masking, ema=args.amlm_ema,
                 update_every=args.amlm_update_every, frequencies=freqs).to(args.device)
     amlm15 = AMLM(V, specials, data.MASK, rate=0.15, metric="uniform").to(args.device)
     return model, opt, amlm, amlm15
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning"): Adam's step with decoupled weight
+    decay, u = m_hat / (sqrt(v_hat) + eps) + wd * w, rescaled per tensor by the trust ratio ||w|| / ||u||, so each
+    layer moves by about lr times its own size. Example: w [3, 4], gradient [1, 0], first step, wd 0, lr 0.1:
+    m_hat [1, 0], v_hat [1, 0], u [1, 0], trust 5 / 1 -> w [3 - 0.1 * 5, 4] = [2.5, 4]."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g, state = w.grad.to_dense(), self.state[w]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(w), v=torch.zeros_like(w))
+                state["step"] += 1
+                m, v, t = state["m"], state["v"], state["step"]
+                m.lerp_(g, 1 - b1)                    # m = b1 m + (1 - b1) g
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
+                u = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps) + wd * w
+                w_norm, u_norm = w.norm(), u.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+                w.sub_(lr * trust * u)
 
 def init_distributed(args):
     """Under torchrun (WORLD_SIZE is set): join the process group, gloo on CPU and nccl on CUDA with one GPU per
