@@ -1,5 +1,5 @@
 """
-Tests for amlm: offline, fast, tiny shapes, the built-in synthetic corpus; never ../shared, never the network.
+Tests for amlm: offline, fast, tiny shapes, the built-in synthetic corpus; never data from outside this repository, never the network.
 Run: python -m pytest -q test_amlm.py   (speed targets live in the README and benchmarks, not here)
 """
 import os
@@ -1455,7 +1455,7 @@ def test_headline_keeps_accuracy_and_correlation_apart():
 
 
 # -----------------------------------------------------------------------------
-# bad input (issue 17): one table for the three command lines. Each case must exit non-zero with one line on
+# bad input: one table for the three command lines. Each case must exit non-zero with one line on
 # stderr naming the problem, no traceback, and nothing half-written: the files it was given stay as they were
 # (absent stays absent: no latest.pt, no lock, no results file), and every token cache left is one that passes its check.
 
