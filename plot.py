@@ -47,21 +47,26 @@ def curves(runs, ax):
 
 def seeds(runs, axes):
     colours = {}
-    for run in runs:
+    seed_1337_first = sorted(runs, key=lambda r: not os.path.normpath(r).endswith("-1337"))  # its style in the legend
+    for run in seed_1337_first:
         config, _, seed = os.path.basename(os.path.normpath(run)).rpartition("-")
-        colour = colours.setdefault(config, f"C{len(colours)}")
         pts = []
         for f in glob.glob(os.path.join(run, "eval_*.json")):
             res = json.load(open(f))
             scores = {name.split("/")[0]: t["score"] for name, t in res["tasks"].items()}
             pts.append((res["words_seen"] / 1e6, scores.get("blimp_fast"), scores.get("wug_adj_dev")))
+        if not pts:  # not a run folder with results (a log file caught by a glob, say)
+            continue
         pts.sort()
+        first = config not in colours  # one legend entry per configuration, whatever the number of seeds
+        colour = colours.setdefault(config, f"C{len(colours)}")
         for ax, i in zip(axes, (1, 2)):
             xs = [p for p in pts if p[i] is not None]
-            ax.plot([p[0] for p in xs], [p[i] for p in xs], "o-" if seed == "1337" else "s--", color=colour, ms=3,
-                    label=f"{config} seed {seed}")
+            ax.plot([p[0] for p in xs], [p[i] for p in xs], "o-" if seed == "1337" else "s--", color=colour, ms=4,
+                    label=config if first else None)
     axes[0].axhline(50, color="grey", lw=0.5)
-    axes[0].set(xlabel="million words seen", ylabel="BLiMP-fast macro accuracy (%)", title="BLiMP-fast")
+    axes[0].set(xlabel="million words seen", ylabel="BLiMP-fast macro accuracy (%)",
+                title="BLiMP-fast (solid: seed 1337, dashed: other seeds)")
     axes[1].axhline(0, color="grey", lw=0.5)
     axes[1].set(xlabel="million words seen", ylabel="Spearman rho x 100", title="WUG adjective nominalisation")
 
