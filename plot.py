@@ -46,17 +46,17 @@ def curves(runs, ax):
 
 
 def seeds(runs, axes):
+    # (config, seed, run) from folders named <config>-<seed>
+    named = [(*os.path.basename(os.path.normpath(run)).rpartition("-")[::2], run) for run in runs]
     colours = {}
-    seed_1337_first = sorted(runs, key=lambda r: not os.path.normpath(r).endswith("-1337"))  # its style in the legend
-    for run in seed_1337_first:
-        config, _, seed = os.path.basename(os.path.normpath(run)).rpartition("-")
+    for config, seed, run in sorted(named, key=lambda n: n[1] != "1337"):  # seed 1337's style goes in the legend
         pts = []
         for f in glob.glob(os.path.join(run, "eval_*.json")):
             res = json.load(open(f))
             scores = {name.split("/")[0]: t["score"] for name, t in res["tasks"].items()}
             pts.append((res["words_seen"] / 1e6, scores.get("blimp_fast"), scores.get("wug_adj_dev")))
-        if not pts:  # not a run folder with results (a log file caught by a glob, say)
-            continue
+        if not pts:
+            raise ValueError(f"{run} holds no eval_*.json")
         pts.sort()
         first = config not in colours  # one legend entry per configuration, whatever the number of seeds
         colour = colours.setdefault(config, f"C{len(colours)}")
