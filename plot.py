@@ -45,9 +45,14 @@ def curves(runs, ax):
     ax.set(xlabel="million words seen", ylabel="BLiMP-fast macro accuracy (%)", title="learning curves")
 
 
+def config_and_seed(run):
+    """A run folder named <configuration>-<seed>. Example: "out/sci/HN-1337/" -> ("HN", "1337")"""
+    config, _, seed = os.path.basename(os.path.normpath(run)).rpartition("-")
+    return config, seed
+
+
 def seeds(runs, axes):
-    # (config, seed, run) from folders named <config>-<seed>
-    named = [(*os.path.basename(os.path.normpath(run)).rpartition("-")[::2], run) for run in runs]
+    named = [(*config_and_seed(run), run) for run in runs]
     colours = {}
     for config, seed, run in sorted(named, key=lambda n: n[1] != "1337"):  # seed 1337's style goes in the legend
         pts = []
