@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from runs import open_run, releases_run
+from runs import open_run, release_run, releases_run
 from amlm import AMLM, mask_rate, top1_hits
 from model import SIZES, MaskedLM, ModelConfig, pick_device, pick_dtype
 
@@ -307,6 +307,17 @@ def init_distributed(args):
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
     return rank, world
 
+def leave_process_group(code):
+    """End a torchrun process: destroy the process group and exit with `code`, skipping the interpreter's shutdown.
+    A gloo worker thread can still hold the last reference to a tensor of the last collective; if it drops it while
+    the interpreter shuts down, it cannot take the GIL and the process aborts (C++ terminate). DDP keeps the group,
+    and so those threads, alive until then, so the process leaves with os._exit, after flushing and unlocking."""
+    dist.barrier()  # rank 0 may still be writing a checkpoint
+    dist.destroy_process_group()
+    release_run()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
 def accumulate(model, amlm, inputs, labels, rank, world, micro, autocast):
     """Forward and backward over this process's rows of the global batch, in `micro` micro-batches, so that the
     summed gradient (DDP averages it over processes) is that of the mean loss over ALL targets of the global
@@ -575,7 +586,7 @@ def main(argv=None):
         log(f"{'interrupted' if interrupted else 'paused'} at step {step}; saved {out}/latest.pt (continue with --resume {out})")
     progress.close()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        leave_process_group(130 if interrupted else 0)
     if interrupted:
         sys.exit(130)
 
