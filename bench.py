@@ -30,12 +30,13 @@ def masked_batch(gen):
     return torch.where(sel, 4, x), torch.where(sel, x, -100)
 
 def ours(fast=True, nhot=False):
+    from fast import FastMaskedLM
     from model import MaskedLM, ModelConfig
     table = None
     if nhot:  # 6 units per token, about what a 4-5 character word's 1- to 3-grams give after pruning
         table = torch.randint(0, 4096, (V, 8), generator=torch.Generator().manual_seed(1))
         table[:, 6:], table[:5] = -1, -1
-    m = MaskedLM(ModelConfig(vocab_size=V, n_layer=L, n_head=A, d_model=H, d_ff=F, max_len=T, dropout=0.1, fast=fast), table)
+    m = (FastMaskedLM if fast else MaskedLM)(ModelConfig(vocab_size=V, n_layer=L, n_head=A, d_model=H, d_ff=F, max_len=T, dropout=0.1), table)
     return m, lambda inp, lab: m(inp, labels=lab)[1]
 
 def bert():

@@ -16,14 +16,17 @@ one after another, so Ctrl-C keeps (and with --out writes) the tasks already fin
     python evaluate.py out/run/latest.pt evaluation_data/fast_eval/blimp_fast --out results.json
     python evaluate.py CKPT blimp/ wug.jsonl --pll word-l2r --limit 50 --device cpu
 
-A PATH is a .jsonl file or a directory of them; the format is told by each file's fields.
+A PATH is a .jsonl file or a directory of them; the format is told by each file's fields. An item with an empty
+sentence, or whose correct sentence equals another candidate (nothing to choose), is skipped and counted.
+
+WUG-style correlation tasks also get rho_ctrl: the official Spearman correlation mostly follows the adjective's
+class (-able, -ish, -ive, -ous) and how many more tokens one sentence has than the other, which even an untrained
+model tracks; rho_ctrl is the partial Spearman correlation with both held fixed (docs/results.md), with a bootstrap
+95 % CI. Two result files are compared on the same items, with a paired bootstrap CI of the difference:
+
+    python evaluate.py --compare out/H/eval.json out/HN/eval.json
 """
-import argparse
-import json
-import math
-import os
-import sys
-import time
+import argparse, json, math, os, re, sys, time
 from collections import Counter, defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -32,8 +35,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import CLS, MASK, PAD, SEP, DataError, Tokenizer
-from model import MaskedLM, ModelConfig, pick_device, pick_dtype
+from checkpoint import CheckpointError, load_model, write_json
+from fast import FastMaskedLM, pick_device, pick_dtype
+from model import MaskedLM
+from tokenizer import CLS, MASK, PAD, SEP, DataError
 
 PLL_VARIANTS = ("standard", "word-l2r")
 FORMATS = {  # format -> fields that identify it (and must be on every line)
@@ -52,27 +57,13 @@ class UnknownFormat(EvalError):
 # -----------------------------------------------------------------------------
 # checkpoint loading
 
-def load_checkpoint(path, device="cpu"):
-    """Load a train.py checkpoint -> (model in eval mode on device, tokenizer, checkpoint dict).
-    Example: load_checkpoint("out/run/latest.pt") -> (MaskedLM(...), Tokenizer(...), {"step": 1000, ...})"""
-    path = Path(path)
-    if path.is_dir():
-        raise EvalError(f"checkpoint {path} is a folder; give a .pt file, such as {path / 'latest.pt'}")
-    if not path.is_file():
-        raise EvalError(f"checkpoint {path} does not exist")
+def load_checkpoint(path, device="cpu", fast=True):
+    """checkpoint.load_model with this file's error class, fast.py's FastMaskedLM unless fast=False.
+    Example: load_checkpoint("out/run/latest.pt") -> (FastMaskedLM(...), Tokenizer(...), {"step": 1000, ...})"""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, pickled foreign objects...
-        raise EvalError(f"cannot read checkpoint {path} (truncated or not a torch checkpoint: {type(e).__name__})")
-    if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= ckpt.keys():
-        raise EvalError(f"{path} is not an amlm checkpoint (it needs the keys model, config and tokenizer)")
-    try:
-        model = MaskedLM(ModelConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-        tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
-    except (TypeError, RuntimeError, KeyError, ValueError) as e:
-        raise EvalError(f"{path} does not match this version of model.py/data.py: {str(e).splitlines()[0]}")
-    return model.to(device).eval(), tokenizer, ckpt
+        return load_model(path, device, FastMaskedLM if fast else MaskedLM)
+    except CheckpointError as e:
+        raise EvalError(str(e)) from None
 
 # -----------------------------------------------------------------------------
 # PLL scoring
@@ -133,7 +124,7 @@ def pll_scores(model, candidates, batch_size=256, device=None, precision="auto",
     was_training = model.training
     model.eval()
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if checked_dtype(device, precision) == "bf16" else nullcontext()
-    bar = tqdm(total=len(order), unit="copy", disable=not progress, desc="PLL")
+    bar = tqdm(total=len(order), unit="copy", disable=None if progress else True, desc="PLL")  # None: off unless a terminal
     try:
         # no_grad, not inference_mode: what the model caches while scoring (its RoPE tables) must stay
         # usable by training afterwards, and inference tensors are not
@@ -177,11 +168,13 @@ def detect_format(record):
     return None
 
 def read_items(file, limit=None):
-    """One jsonl file -> (format, items), UnknownFormat if it is none of FORMATS. An item is (group keys,
-    [(prefix, completion), ...], extra), the first candidate the correct one (WUG: extra = human ratio).
+    """One jsonl file -> (format, items, skipped), UnknownFormat if it is none of FORMATS. An item is (group keys,
+    [(prefix, completion), ...], extra), the first candidate the correct one (WUG: extra = {"ratio": the human
+    preference for the first sentence, "class": the adjective's suffix}). skipped counts the items left out, by
+    reason (item_problem). limit: the first `limit` items; on a WUG file, a class-balanced sample of that size.
     Example: line {"sentence_good": "A.", "sentence_bad": "B.", "UID": "u", "field": "syntax"} ->
-    ("minimal_pairs", [({"uid": "u", "field": "syntax"}, [("", "A."), ("", "B.")], None)])"""
-    fmt, items = None, []
+    ("minimal_pairs", [({"uid": "u", "field": "syntax"}, [("", "A."), ("", "B.")], None)], Counter())"""
+    fmt, items, skipped = None, [], Counter()
     try:
         f = open(file, "rb")  # bytes: a line that is not UTF-8 gets its number, not a traceback
     except OSError as e:
@@ -195,7 +188,7 @@ def read_items(file, limit=None):
                 raise EvalError(f"{where}: not UTF-8") from None
             if not line.strip():
                 continue
-            if limit is not None and len(items) >= limit:
+            if limit is not None and len(items) >= limit and fmt != "wug":
                 break
             try:
                 r = json.loads(line)
@@ -209,12 +202,52 @@ def read_items(file, limit=None):
             if detect_format(r) != fmt:
                 raise EvalError(f"{where}: expected the fields {', '.join(FORMATS[fmt])} of a {fmt} file")
             try:
-                items.append(make_item(fmt, r, Path(file).stem))
+                item = make_item(fmt, r, Path(file).stem)
             except (TypeError, ValueError, AttributeError) as e:
                 raise EvalError(f"{where}: malformed {fmt} record ({e})")
+            if problem := item_problem(item[1]):
+                skipped[problem] += 1
+            else:
+                items.append(item)
     if fmt is None:
         raise UnknownFormat(f"{file}: holds no records")
-    return fmt, items
+    if fmt == "wug" and limit is not None:
+        items = balanced(items, limit)
+    return fmt, items, skipped
+
+def item_problem(candidates):
+    """Why an item cannot be scored fairly, or None: a candidate with nothing to score (an empty sentence would
+    always win: its PLL is 0), or a correct candidate equal to another one (a tie, nothing to choose).
+    Example: [("", "A dog ran."), ("", "A dog ran.")] -> "identical sentences"; [("", "A."), ("", " ")] -> "an empty sentence" """
+    if any(not completion.strip() for _, completion in candidates):
+        return "an empty sentence"
+    if candidates[0] in candidates[1:]:
+        return "identical sentences"
+    return None
+
+def wug_class(sentences):
+    """The class of a WUG item: the adjective's suffix as written, read off the sentence that ends in -ness; -able,
+    -ish, -ive and -ous are the test's classes, any other adjective is the class of its last three letters.
+    Example: ("... adjective: tefigious. tefigiosity", "... adjective: tefigious. tefigiousness") -> "-ous" """
+    nouns = [w for s in sentences for w in re.findall(r"\w+", s) if w.endswith("ness")]
+    adjective = nouns[-1][:-4] if nouns else ""
+    return next((f"-{x}" for x in ("able", "ish", "ive", "ous") if adjective.endswith(x)), f"-{adjective[-3:]}")
+
+def balanced(items, n):
+    """n of the WUG items, the same fraction of each class (the first ones of each, by largest remainder), in file
+    order: the files are sorted by class, so their first n lines would be a class or two.
+    Example: classes [a, a, a, a, b, b], n 3 -> the first two a's and the first b."""
+    classes = Counter(it[2]["class"] for it in items)
+    share = {c: n * k / len(items) for c, k in classes.items()}
+    take = {c: int(v) for c, v in share.items()}
+    for c in sorted(share, key=lambda c: take[c] - share[c])[:max(0, min(n, len(items)) - sum(take.values()))]:
+        take[c] += 1
+    seen, out = Counter(), []
+    for it in items:
+        if seen[it[2]["class"]] < take[it[2]["class"]]:
+            seen[it[2]["class"]] += 1
+            out.append(it)
+    return out
 
 def text(v):
     """v itself if it is a string, else TypeError (a number or null where a sentence belongs)."""
@@ -235,7 +268,7 @@ def make_item(fmt, r, stem):
         ratio = float(r["ratio"])
         if not math.isfinite(ratio):
             raise ValueError("'ratio' must be a finite number")
-        return {"uid": stem}, [("", pair[0]), ("", pair[1])], ratio
+        return {"uid": stem}, [("", pair[0]), ("", pair[1])], {"ratio": ratio, "class": wug_class(pair)}
     if fmt == "entity_tracking":
         options = r["options"]
         if not isinstance(options, list) or len(options) < 2:
@@ -283,8 +316,9 @@ def spearman(x, y):
     denom = math.sqrt((rx * rx).sum() * (ry * ry).sum())
     return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
 
-def task_result(fmt, items, scores):
-    """Figures for one task from its items and their candidates' PLLs (all on a 0-100 scale).
+def task_result(fmt, items, scores, n_tokens=None):
+    """Figures for one task from its items and their candidates' PLLs (all on a 0-100 scale); n_tokens: each
+    candidate's token count, for WUG's controlled score.
     Example (minimal pairs): UIDs u (2 pairs, 1 right) and v (1 pair, right) -> score 75.0 (macro over UIDs)"""
     keys = [it[0] for it in items]
     uids = [k["uid"] for k in keys]
@@ -294,9 +328,13 @@ def task_result(fmt, items, scores):
         p_first = [1 / (1 + math.exp(min(s[1] - s[0], 700))) for s in scores]
         res["metric"] = "spearman"
         res["by_uid"] = {u: {"items": n[u], "score": 100 * spearman([p for p, v in zip(p_first, uids) if v == u],
-                                                                     [it[2] for it, v in zip(items, uids) if v == u])}
+                                                                     [it[2]["ratio"] for it, v in zip(items, uids) if v == u])}
                          for u in n}
         res["score"] = float(np.mean([v["score"] for v in res["by_uid"].values()]))
+        if n_tokens is not None:  # per item: what the controlled score and a paired comparison need
+            res["per_item"] = [{"pair": [c for _, c in it[1]], "ratio": it[2]["ratio"], "class": it[2]["class"],
+                                "dtok": t[0] - t[1], "llr": s[0] - s[1]} for it, t, s in zip(items, n_tokens, scores)]
+            res["controlled"] = controlled(res["per_item"])
         return res
     correct = [float(s[0] > max(s[1:])) for s in scores]  # strict: a tie is not a correct choice
     by_uid = {u: 100 * a for u, a in group_mean(correct, uids).items()}
@@ -314,46 +352,116 @@ def task_result(fmt, items, scores):
     return res
 
 # -----------------------------------------------------------------------------
+# WUG, controlled: what the official Spearman measures once the item's class and token counts are held fixed
+
+def partial_spearman(x, y, classes, z):
+    """Spearman's rho of x and y controlling for a class and a covariate z: rank x, y and z, regress the ranks of x
+    and of y on [class indicators, rank(z)] by least squares, and correlate the residuals (Pearson). nan when a
+    residual is constant. Example: x = y = class + z (no signal of their own) -> nan or about 0, while spearman(x, y) = 1."""
+    groups = sorted(set(classes))
+    X = np.column_stack([np.equal.outer(classes, groups).astype(float), rankdata(z)])  # the indicators span the intercept
+    res = [r - X @ np.linalg.lstsq(X, r, rcond=None)[0] for r in (rankdata(x), rankdata(y))]
+    denom = math.sqrt(float(res[0] @ res[0]) * float(res[1] @ res[1]))
+    return float(res[0] @ res[1]) / denom if denom > 1e-9 * len(x) else float("nan")
+
+def rho_ctrl(items):
+    """partial_spearman of the model's log-likelihood ratio (PLL of the first sentence minus the second) and the human
+    ratio, controlling for the adjective's class and dtok (the first sentence's token count minus the second's)."""
+    return partial_spearman([i["llr"] for i in items], [i["ratio"] for i in items], [i["class"] for i in items],
+                            [i["dtok"] for i in items])
+
+def bootstrap(stat, n, rounds=2000, seed=0):
+    """The 2.5 and 97.5 percentiles of stat(idx) over `rounds` resamples of n items with replacement (idx: an index
+    array); deterministic for a seed. Resamples where stat is nan are left out. Example: bootstrap(lambda i: 0.5, 10)
+    -> (0.5, 0.5)."""
+    rng = np.random.default_rng(seed)
+    values = np.array([stat(rng.integers(0, n, n)) for _ in range(rounds)])
+    lo, hi = np.nanpercentile(values, [2.5, 97.5]) if np.isfinite(values).any() else (math.nan, math.nan)
+    return float(lo), float(hi)
+
+def controlled(items, rounds=2000, seed=0):
+    """rho_ctrl x 100 with its bootstrap 95 % CI (items resampled) and the items per class.
+    Example: -> {"rho_ctrl": -2.1, "ci": [-16.0, 12.3], "classes": {"-able": 25, "-ish": 25, ...}}"""
+    pick = lambda idx: [items[i] for i in idx]
+    lo, hi = bootstrap(lambda idx: rho_ctrl(pick(idx)), len(items), rounds, seed)
+    return {"rho_ctrl": 100 * rho_ctrl(items), "ci": [100 * lo, 100 * hi],
+            "classes": dict(sorted(Counter(i["class"] for i in items).items()))}
+
+def compare_controlled(a, b, rounds=2000, seed=0):
+    """Two models' per_item lists on the same items (matched by their sentences) -> rho_ctrl x 100 of each, their
+    difference a - b, and its paired bootstrap 95 % CI (the same resampled items for both). Each model's rho_ctrl
+    controls for its own token counts. EvalError if the two share fewer than 10 items."""
+    pairs = {tuple(i["pair"]): i for i in b}
+    a = [i for i in a if tuple(i["pair"]) in pairs]
+    b = [pairs[tuple(i["pair"])] for i in a]
+    if len(a) < 10:
+        raise EvalError(f"the two results share {len(a)} WUG items; compare results scored on the same file")
+    diff = lambda idx: rho_ctrl([a[i] for i in idx]) - rho_ctrl([b[i] for i in idx])
+    lo, hi = bootstrap(diff, len(a), rounds, seed)
+    return {"items": len(a), "a": 100 * rho_ctrl(a), "b": 100 * rho_ctrl(b),
+            "difference": 100 * (rho_ctrl(a) - rho_ctrl(b)), "ci": [100 * lo, 100 * hi]}
+
+# -----------------------------------------------------------------------------
 # evaluation of whole paths (library entry points)
 
 def read_tasks(paths, limit=None, formats=None):
-    """The tasks under paths -> ({name: (format, items)}, skipped files). One task per (path, format): a directory
-    of BLiMP files is one task. limit = items per file (quick looks); formats = the formats to keep (others
-    skipped). Example: read_tasks(["blimp_fast"]) -> ({"blimp_fast": ("minimal_pairs", [13400 items])}, [])"""
+    """The tasks under paths -> ({name: (format, items, skipped items by reason)}, skipped files). One task per
+    (path, format): a directory of BLiMP files is one task. limit = items per file (quick looks; WUG: class-balanced);
+    formats = the formats to keep (others skipped). Example: read_tasks(["blimp_fast"]) ->
+    ({"blimp_fast": ("minimal_pairs", [13397 items], Counter({"identical sentences": 3}))}, [])"""
     tasks, skipped = {}, []
     for path in paths:
-        by_format = defaultdict(list)
+        by_format = defaultdict(lambda: ([], Counter()))
         for file in task_files(path):
             try:
-                fmt, items = read_items(file, limit)
+                fmt, items, left_out = read_items(file, limit)
             except UnknownFormat as e:
                 skipped.append(str(e))
                 continue
             if formats is not None and fmt not in formats:
                 skipped.append(f"{file}: {fmt} not requested")
                 continue
-            by_format[fmt] += items
-        for fmt, items in by_format.items():
+            by_format[fmt][0].extend(items)
+            by_format[fmt][1].update(left_out)
+        for fmt, (items, left_out) in by_format.items():
             name = Path(path).stem + (f"/{fmt}" if len(by_format) > 1 else "")
+            if not items:
+                skipped.append(f"{path}: every {fmt} item was skipped ({skip_text(left_out)})")
+                continue
             while name in tasks:  # two paths with the same name
                 name += "'"
-            tasks[name] = (fmt, items)
+            tasks[name] = (fmt, items, left_out)
     return tasks, skipped
+
+def skip_text(counts):
+    """Example: Counter({"identical sentences": 3, "an empty sentence": 1}) -> "3 identical sentences, 1 an empty sentence" """
+    return ", ".join(f"{k}: {v}" for k, v in counts.items())
+
+def task_path_problem(path):
+    """What is wrong with a path of tasks to score (train.py's --eval-blimp checks it before training), or None.
+    Example: "typo/" -> "typo does not exist" """
+    try:
+        return None if read_tasks([path])[0] else f"{path} holds no file of a task format evaluate.py scores"
+    except (EvalError, DataError) as e:
+        return str(e)
 
 def score_tasks(model, tokenizer, tasks, batch_size=256, device=None, pll="standard", precision="auto", progress=True):
     """Yield (name, result) task by task, so that a caller stopped midway keeps the tasks already finished. Each
     task is one batched pass; a candidate an earlier task scored is not scored again (minimal pairs share
-    sentences across files). A result also counts the candidates and masked copies its pass scored.
-    Example: dict(score_tasks(model, tok, read_tasks(["blimp_fast"])[0]))["blimp_fast"]["score"] -> 55.1"""
+    sentences across files). A result also counts the candidates and masked copies its pass scored, and the items
+    left out. Example: dict(score_tasks(model, tok, read_tasks(["blimp_fast"])[0]))["blimp_fast"]["score"] -> 55.1"""
     if pll not in PLL_VARIANTS:
         raise EvalError(f"pll must be one of {', '.join(PLL_VARIANTS)}, not {pll!r}")
-    scored = {}  # (prefix, completion) -> PLL
-    for name, (fmt, items) in tasks.items():
+    scored, n_tokens = {}, {}  # (prefix, completion) -> PLL, and its token count
+    for name, (fmt, items, left_out) in tasks.items():
         new = list(dict.fromkeys(c for _, cands, _ in items for c in cands if c not in scored))
         candidates = [tokenize(tokenizer, *c, pll=pll) for c in new]
         scored.update(zip(new, pll_scores(model, candidates, batch_size, device, precision, progress)))
-        res = task_result(fmt, items, [[scored[c] for c in cands] for _, cands, _ in items])
-        yield name, {**res, "candidates": len(new), "copies": sum(1 for _, spans in candidates for k in spans if k)}
+        n_tokens.update(zip(new, (len(ids) for ids, _ in candidates)))
+        res = task_result(fmt, items, [[scored[c] for c in cands] for _, cands, _ in items],
+                          [[n_tokens[c] for c in cands] for _, cands, _ in items])
+        yield name, {**res, "skipped_items": dict(left_out), "candidates": len(new),
+                     "copies": sum(1 for _, spans in candidates for k in spans if k)}
 
 def headline(results):
     """Accuracy tasks and correlation tasks apart (a Spearman x 100 is no accuracy): the mean score of each kind,
@@ -401,26 +509,47 @@ def summary(results, pll, precision, skipped, seconds):
 # command line
 
 def format_table(res):
-    """The results as a plain-text table: task, format, items, score (and the fields of minimal pairs), then the
-    headline: the accuracy tasks and the correlation tasks, each kind averaged apart."""
+    """The results as a plain-text table: task, format, items, score (and the fields of minimal pairs; WUG's rho_ctrl;
+    the items left out), then the headline: the accuracy tasks and the correlation tasks, each kind averaged apart."""
     lines = [f"{'task':<32} {'format':<16} {'items':>7} {'score':>7}"]
     for name, t in res["tasks"].items():
         lines.append(f"{name:<32} {t['format']:<16} {t['items']:>7} {t['score']:>7.2f}  {t['metric']}")
         for field, score in t.get("by_field", {}).items():
             lines.append(f"  {field:<30} {'':<16} {'':>7} {score:>7.2f}")
+        if c := t.get("controlled"):
+            lines.append(f"  {'rho_ctrl (class, dtok held)':<30} {'':<16} {'':>7} {c['rho_ctrl']:>7.2f}  95 % CI "
+                         f"[{c['ci'][0]:.1f}, {c['ci'][1]:.1f}]; items per class: "
+                         + ", ".join(f"{k} {v}" for k, v in c["classes"].items()))
+        if t.get("skipped_items"):
+            lines.append(f"  skipped {sum(t['skipped_items'].values())} items ({skip_text(t['skipped_items'])})")
     lines.append(f"headline: {headline_text(res)}")
     lines.append(f"PLL {res['pll']} ({res['precision']}), {res['copies']:,} masked copies in {res['seconds']:.1f} s")
     return "\n".join(lines)
 
-def json_safe(obj):
-    """nan -> None, recursively, so the JSON file is standard (Spearman of a constant is nan)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+def compare_files(a_path, b_path):
+    """--compare: the WUG tasks two result files share, rho_ctrl of each with the paired bootstrap CI of a - b.
+    Returns the exit code; one sentence on stderr if a file is not a results file with per-item WUG scores."""
+    per_item = {}
+    for path in (a_path, b_path):
+        try:
+            tasks = json.loads(Path(path).read_text())["tasks"]
+            per_item[path] = {name: t["per_item"] for name, t in tasks.items() if t.get("per_item")}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"error: {path} is not a results file of evaluate.py --out ({type(e).__name__})", file=sys.stderr)
+            return 1
+    shared = [name for name in per_item[a_path] if name in per_item[b_path]]
+    if not shared:
+        print(f"error: {a_path} and {b_path} share no WUG task with per-item scores", file=sys.stderr)
+        return 1
+    for name in shared:
+        try:
+            c = compare_controlled(per_item[a_path][name], per_item[b_path][name])
+        except EvalError as e:
+            print(f"error: {name}: {e}", file=sys.stderr)
+            return 1
+        print(f"{name}: rho_ctrl x 100 on {c['items']} shared items: A {c['a']:.1f}, B {c['b']:.1f}; A - B "
+              f"{c['difference']:+.1f}, 95 % paired bootstrap CI [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]")
+    return 0
 
 def check_out(path):
     """--out, checked before any scoring: a file name (not a folder) in a folder we can write (made if missing).
@@ -435,12 +564,6 @@ def check_out(path):
         probe.unlink()
     except OSError as e:
         raise EvalError(f"cannot write --out {path} ({e.strerror or e})") from None
-
-def write_json(obj, path):
-    """Atomic (a crash never leaves half a file) and standard JSON (nan -> null)."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(json_safe(obj), indent=1) + "\n")
-    os.replace(tmp, path)
 
 def setup(args):
     """Everything that can fail on bad input, before any scoring: -> (tasks, skipped, model, tokenizer, ckpt,
@@ -457,7 +580,7 @@ def setup(args):
         except ValueError as e:
             raise EvalError(str(e)) from None
         precision = checked_dtype(device, args.precision)
-        model, tokenizer, ckpt = load_checkpoint(args.checkpoint, device)
+        model, tokenizer, ckpt = load_checkpoint(args.checkpoint, device, args.fast)
         tasks, skipped = read_tasks(args.paths, args.limit)
         if not tasks:
             raise EvalError(f"nothing to score: all {len(skipped)} files were skipped (the first: {skipped[0]})")
@@ -473,8 +596,10 @@ def main(argv=None):
                                  "checkpoint by PLL. Ctrl-C stops it, keeping (and with --out writing) the tasks "
                                  "already finished; a directory is one task, so pass its files for finer steps.")
     ap.error = lambda msg: ap.exit(2, f"{ap.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
-    ap.add_argument("checkpoint", help="a train.py checkpoint (.pt)")
-    ap.add_argument("paths", nargs="+", metavar="PATH", help="a .jsonl file or a directory of them")
+    ap.add_argument("checkpoint", nargs="?", help="a train.py checkpoint (.pt)")
+    ap.add_argument("paths", nargs="*", metavar="PATH", help="a .jsonl file or a directory of them")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="instead of scoring: rho_ctrl of the WUG "
+                    "tasks two --out files share, with a paired bootstrap 95 %% CI of A - B")
     ap.add_argument("--out", help="write the results here as JSON (checked before scoring)")
     ap.add_argument("--batch-size", type=int, default=256, help="masked copies per forward pass (default: %(default)s)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
@@ -482,9 +607,18 @@ def main(argv=None):
                     help="word-l2r: Kauf & Ivanova 2023 (default: %(default)s)")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="auto: bf16 where it is native, AMX or AVX512-BF16 CPUs, bf16 GPUs (default: %(default)s)")
-    ap.add_argument("--limit", type=int, help="score only the first N items of each file, for quick looks")
+    ap.add_argument("--limit", type=int, help="score only the first N items of each file, for quick looks (a WUG file: "
+                                          "N items, the same share of each class)")
+    ap.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                    help="fast.py's FastMaskedLM; --no-fast: model.py's MaskedLM, the same maths (default: on)")
     ap.add_argument("--threads", type=int, help="CPU threads (1 can beat 2 when other jobs share the cores)")
     args = ap.parse_args(argv)
+    if args.compare:
+        if args.checkpoint:
+            ap.error("--compare takes two result files, not a checkpoint")
+        sys.exit(compare_files(*args.compare))
+    if not args.paths:
+        ap.error("give a checkpoint and at least one PATH to score (or --compare A.json B.json)")
     results, tasks = {}, {}
     try:
         tasks, skipped, model, tokenizer, ckpt, device, precision = setup(args)
@@ -500,7 +634,11 @@ def main(argv=None):
            "unscored": [name for name in tasks if name not in results]}
     print(format_table(res))
     if args.out:
-        write_json(res, args.out)
+        try:
+            write_json(res, args.out)
+        except OSError as e:  # a full disk: the table above is all there is
+            print(f"error: cannot write --out {args.out} ({e.strerror or e}); the results are printed above", file=sys.stderr)
+            sys.exit(1)
     if res["unscored"]:
         print(f"interrupted after {len(results)} of {len(tasks)} tasks" + (f"; {args.out} holds those" if args.out else ""),
               file=sys.stderr)

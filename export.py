@@ -9,19 +9,20 @@ BabyLMs" (BabyLM Challenge 2025). BabyLM scores entries only through its pipelin
     python export.py out/run hf/run --milestones             # ckpt_<N>M.pt -> hf/run/chck_<N>M/, latest.pt -> hf/run/main/
 
 The folder: config.json (its auto_map points AutoConfig, AutoModel, AutoModelForMaskedLM and
-AutoModelForSequenceClassification at modeling_amlm.py, copied verbatim: it imports only torch and
-transformers), model.safetensors (written here: an 8-byte header length, a JSON header, raw tensors), and a
-fast tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json) that reproduces
-data.Tokenizer id for id. Load it with trust_remote_code=True. This file writes files; it never imports
-transformers.
+AutoModelForSequenceClassification at modeling_amlm.py, the Hugging Face glue, copied verbatim with the model.py
+whose MaskedLM it wraps: together they import only torch and transformers), model.safetensors (written here: an
+8-byte header length, a JSON header, raw tensors), and a fast tokenizer (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json) that reproduces tokenizer.Tokenizer id for id on text without the special tokens' names;
+a "[MASK]" typed in the text is the mask token, as in every Hugging Face MLM tokenizer, so pipeline("fill-mask")
+works. Load it with trust_remote_code=True. This file writes files; it never imports transformers.
 
-data.Tokenizer as a `tokenizers` pipeline:
+tokenizer.Tokenizer as a `tokenizers` pipeline:
   normalizer     runs of whitespace and "▁" -> one "▁", none at the ends, then "▁" prepended (not to "")
-  pre-tokenizer  data.PAT with each Python class (\\d, [^\\W\\d_], ...) spelled out code point by code point,
+  pre-tokenizer  tokenizer.PAT with each Python class (\\d, [^\\W\\d_], ...) spelled out code point by code point,
                  because the Rust regex engine's Unicode classes differ (e.g. "²" is a letter to Python's
-                 [^\\W\\d_]); then every pre-token cut into 64-character pieces (data.MAX_PRETOKEN)
+                 [^\\W\\d_]); then every pre-token cut into 64-character pieces (tk.MAX_PRETOKEN)
   model          BPE with the same merges in the same order, byte fallback to "<0xXX>" (merges never
-                 involve a byte token, so they never cross one, as in data.Tokenizer._encode_word)
+                 involve a byte token, so they never cross one, as in tokenizer.Tokenizer._encode_word)
   post-processor [CLS] $A [SEP] and [CLS] $A [SEP] $B [SEP]
   decoder        byte runs joined as UTF-8, "▁" -> " ", one leading space dropped; specials skipped
                  (skip_special_tokens=True)
@@ -32,14 +33,14 @@ from pathlib import Path
 
 import torch
 
-import data
-from data import DataError, Tokenizer
-from model import ModelConfig
+import tokenizer as tk
+from checkpoint import CheckpointError, read_checkpoint
+from tokenizer import DataError
 
 HERE = Path(__file__).resolve().parent
-MODELING = "modeling_amlm.py"
+MODELING, MODEL = "modeling_amlm.py", "model.py"  # the glue, and the maths it imports relatively
 MAX_LENGTH = 512  # the pipeline fine-tunes on pairs of up to 512 tokens; RoPE runs at any length
-PAT_TRANSLATED = r"▁?(?:[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|(?:[^\w\s▁]|_)+)"  # the data.PAT spelled out below
+PAT_TRANSLATED = r"▁?(?:[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|(?:[^\w\s▁]|_)+)"  # the tokenizer.PAT spelled out below
 
 
 class ExportError(Exception):
@@ -49,47 +50,18 @@ class ExportError(Exception):
 # -----------------------------------------------------------------------------
 # reading the checkpoint: torch.load with weights_only, so a file never executes code
 
-def expected_shapes(cfg):
-    """The state-dict keys and shapes of model.MaskedLM for a config dict.
-    Example: {"vocab_size": 10, "n_layer": 1, "d_model": 4, "d_ff": 8, "nhot": False, ...} ->
-    {"tok.weight": (10, 4), "blocks.0.ln1.weight": (4,), "blocks.0.qkv.weight": (12, 4), ..., "out_bias": (10,)}"""
-    V, C, Fd = cfg["vocab_size"], cfg["d_model"], cfg["d_ff"]
-    shapes = {"tok.weight": (V, C), "ln_f.weight": (C,), "out_bias": (V,)}
-    for i in range(cfg["n_layer"]):
-        b = f"blocks.{i}."
-        shapes.update({b + "ln1.weight": (C,), b + "qkv.weight": (3 * C, C), b + "proj.weight": (C, C),
-                       b + "ln2.weight": (C,), b + "fc.weight": (Fd, C), b + "out.weight": (C, Fd)})
-    if cfg["nhot"]:
-        shapes.update({"sub.weight": (cfg["n_units"], C), "nhot_ids": (V, cfg["max_units"]),
-                       "nhot_w": (V, cfg["max_units"])})
-    return shapes
-
-
 def load(path):
-    """A train.py checkpoint -> (checkpoint dict, config dict, Tokenizer), or ExportError.
+    """checkpoint.read_checkpoint with the tensors memory-mapped (a latest.pt also holds the optimizer state, which
+    is never read) -> (checkpoint dict, config dict, Tokenizer), or ExportError; the state_dict's keys and shapes
+    are checked against model.py's.
     Example: load("out/run/latest.pt") -> ({"model": {...}, "step": 1000, ...}, {"vocab_size": 16384, ...}, Tokenizer)"""
-    path = Path(path)
-    if path.is_dir():
+    if Path(path).is_dir():
         raise ExportError(f"{path} is a folder; pass --milestones to export a run folder's checkpoints")
-    if not path.is_file():
-        raise ExportError(f"checkpoint {path} does not exist")
-    try:  # mmap: a latest.pt also holds the optimizer state, which we never touch
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated file, not a torch file, pickled foreign objects...
-        raise ExportError(f"cannot read checkpoint {path} (truncated or not a torch checkpoint: {type(e).__name__})")
-    if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= ckpt.keys():
-        raise ExportError(f"{path} is not an amlm checkpoint (it needs the keys model, config and tokenizer)")
     try:
-        cfg = asdict(ModelConfig(**ckpt["config"]))
-        tok = Tokenizer.from_json(ckpt["tokenizer"])
-    except (TypeError, DataError) as e:
-        raise ExportError(f"{path} does not match this version of model.py/data.py: {str(e).splitlines()[0]}")
-    want, sd = expected_shapes(cfg), ckpt["model"]
-    got = {k: tuple(getattr(v, "shape", ())) for k, v in sd.items()} if isinstance(sd, dict) else {}
-    if got != want or tok.vocab_size != cfg["vocab_size"]:
-        bad = sorted(set(want.items()) ^ set(got.items()))[:1] or [("vocab_size", tok.vocab_size)]
-        raise ExportError(f"{path} does not match this version of model.py/data.py (first mismatch: {bad[0][0]})")
-    return ckpt, cfg, tok
+        ckpt, config, tokenizer = read_checkpoint(path, mmap=True)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    return ckpt, asdict(config), tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -118,8 +90,8 @@ def char_class(pattern):
 def hf_patterns():
     """(whitespace run, pre-token pattern) for the Rust regex engine, with classes spelled out from Python's.
     Example: -> ("[\\x{9}-\\x{D}\\x{1C}-\\x{20}...\\x{2581}]+", "\\x{2581}?(?:[\\x{41}-\\x{5A}\\x{61}-...]+(?:['\\x{2019}]...")"""
-    if data.PAT.pattern != PAT_TRANSLATED:
-        raise ExportError("data.PAT has changed; update export.py's translation of it (and its tests)")
+    if tk.PAT.pattern != PAT_TRANSLATED:
+        raise ExportError("tokenizer.PAT has changed; update export.py's translation of it (and its tests)")
     space = char_class(r"\s")  # \s of str patterns is str.isspace, what str.split() splits on
     letter, digit, punct = char_class(r"[^\W\d_]"), char_class(r"\d"), char_class(r"[^\w\s▁]|_")
     mark = r"\x{2581}"  # ▁
@@ -128,7 +100,7 @@ def hf_patterns():
 
 
 def tokenizer_json(tok):
-    """data.Tokenizer -> the dict of a tokenizer.json (see the module docstring for the pipeline).
+    """tokenizer.Tokenizer -> the dict of a tokenizer.json (see the module docstring for the pipeline).
     Example: a tokenizer with merges [(a, b)] -> {..., "model": {"type": "BPE", "vocab": {"[PAD]": 0, ...,
     "ab": 264}, "merges": [["a", "b"]], "byte_fallback": True, ...}}"""
     if len(set(tok.tokens)) != len(tok.tokens):
@@ -140,7 +112,7 @@ def tokenizer_json(tok):
     space, pretoken = hf_patterns()
     regex = lambda p: {"Regex": p}
     specials = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True} for i, s in enumerate(data.SPECIALS)]
+                 "normalized": False, "special": True} for i, s in enumerate(tk.SPECIALS)]
     part = lambda kind, name, type_id: {kind: {"id": name, "type_id": type_id}}
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
@@ -150,13 +122,13 @@ def tokenizer_json(tok):
             {"type": "Prepend", "prepend": "▁"}]},
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": regex(pretoken), "behavior": "Isolated", "invert": False},
-            {"type": "Split", "pattern": regex(rf"[\s\S]{{1,{data.MAX_PRETOKEN}}}"), "behavior": "Isolated", "invert": False}]},
+            {"type": "Split", "pattern": regex(rf"[\s\S]{{1,{tk.MAX_PRETOKEN}}}"), "behavior": "Isolated", "invert": False}]},
         "post_processor": {
             "type": "TemplateProcessing",
             "single": [part("SpecialToken", "[CLS]", 0), part("Sequence", "A", 0), part("SpecialToken", "[SEP]", 0)],
             "pair": [part("SpecialToken", "[CLS]", 0), part("Sequence", "A", 0), part("SpecialToken", "[SEP]", 0),
                      part("Sequence", "B", 1), part("SpecialToken", "[SEP]", 1)],
-            "special_tokens": {s: {"id": s, "ids": [i], "tokens": [s]} for s, i in (("[CLS]", data.CLS), ("[SEP]", data.SEP))}},
+            "special_tokens": {s: {"id": s, "ids": [i], "tokens": [s]} for s, i in (("[CLS]", tk.CLS), ("[SEP]", tk.SEP))}},
         "decoder": {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
             {"type": "ByteFallback"}, {"type": "Fuse"},
@@ -170,11 +142,12 @@ def tokenizer_json(tok):
 
 def tokenizer_files(tok):
     """{file name: JSON text} of the fast tokenizer. tokenizer_class PreTrainedTokenizerFast loads in transformers
-    4.51 and 5.x alike; split_special_tokens makes a literal "[MASK]" in the text plain text, as in data.Tokenizer."""
+    4.51 and 5.x alike. A special token's name typed in the text ("[MASK]") is that special token, as Hugging Face MLM
+    tokenizers do (tokenizer.Tokenizer keeps it plain text: the two agree id for id on text without those names)."""
     names = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "model_max_length": MAX_LENGTH,
               "model_input_names": ["input_ids", "attention_mask"], "padding_side": "right",
-              "clean_up_tokenization_spaces": False, "split_special_tokens": True}
+              "clean_up_tokenization_spaces": False}
     dump = lambda d: json.dumps(d, ensure_ascii=False, indent=1) + "\n"
     return {"tokenizer.json": json.dumps(tokenizer_json(tok), ensure_ascii=False), "tokenizer_config.json": dump(config),
             "special_tokens_map.json": dump(names)}
@@ -214,9 +187,10 @@ def config_json(cfg, ckpt):
             "AutoModelForSequenceClassification": "AmlmForSequenceClassification"}
     return {"architectures": ["AmlmForMaskedLM"], "model_type": "amlm",
             "auto_map": {k: f"{Path(MODELING).stem}.{v}" for k, v in auto.items()},
-            **{k: v for k, v in cfg.items() if k != "fast"},  # model.py's speed switch means nothing here
-            "pad_token_id": data.PAD, "cls_token_id": data.CLS, "sep_token_id": data.SEP, "mask_token_id": data.MASK,
+            **cfg,
+            "pad_token_id": tk.PAD, "cls_token_id": tk.CLS, "sep_token_id": tk.SEP, "mask_token_id": tk.MASK,
             "tie_word_embeddings": False, "torch_dtype": "float32",
+            "tokenizer_class": "PreTrainedTokenizerFast",  # pipeline("fill-mask") loads a tokenizer only if named here
             "amlm_step": ckpt.get("step"), "amlm_words_seen": ckpt.get("words_seen")}
 
 
@@ -228,10 +202,10 @@ def write_folder(ckpt_path, folder):
     files["config.json"] = json.dumps(config_json(cfg, ckpt), indent=1) + "\n"
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
-    shutil.copyfile(HERE / MODELING, folder / MODELING)
-    sd = ckpt["model"]  # the head model's keys: the encoder under "amlm.", the output bias beside it
-    write_safetensors({(k if k == "out_bias" else "amlm." + k): sd[k] for k in expected_shapes(cfg)},
-                      folder / "model.safetensors")
+    for name in (MODELING, MODEL):
+        shutil.copyfile(HERE / name, folder / name)
+    # the keys of AmlmForMaskedLM: its AmlmModel "amlm" holds model.py's MaskedLM as "lm"
+    write_safetensors({"amlm.lm." + k: v for k, v in ckpt["model"].items()}, folder / "model.safetensors")
 
 
 def milestones(run_dir):

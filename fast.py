@@ -1,13 +1,15 @@
 """
-The speed pieces of model.py, kept apart so the model itself reads as the textbook encoder.
+The same model, faster: FastMaskedLM is model.MaskedLM with its forward pass and N-hot sum run through the
+hand-written pieces below. Also here: where a model runs, the device and the precision (bf16 where native).
 
 Paper: Edman & Fraser, "Mask and You Shall Receive: Optimizing Masked Language Modeling for
-Pretraining BabyLMs" (BabyLM Challenge 2025). Nothing here changes the maths: ModelConfig(fast=True),
-the default, runs MaskedLM through these functions; fast=False runs model.py's plain code, and
-test_amlm.py checks each piece, and the whole model, against its plain twin.
+Pretraining BabyLMs" (BabyLM Challenge 2025). Nothing here changes the maths or the weights: a FastMaskedLM
+has MaskedLM's parameters, buffers and state_dict, and test_amlm.py checks each piece, and the whole model,
+against its plain twin. model.py never imports this file; train.py and evaluate.py pick the class (--fast,
+the default, or --no-fast), the way nanochat's fp8 training leaves its gpt.py untouched.
 
-    model = MaskedLM(ModelConfig(fast=True))   # what train.py and evaluate.py use
-    model.config.fast = False                  # the same weights through the plain path
+    model = FastMaskedLM(ModelConfig(...), nhot_table=table)   # what train.py and evaluate.py use
+    plain = MaskedLM(model.config); plain.load_state_dict(model.state_dict())   # the same model, plain path
 
 What each piece saves (README, "Performance notes"): on a CPU a training step is bound by memory
 traffic as much as by matmuls, so most of these avoid building or copying whole tensors:
@@ -22,7 +24,38 @@ traffic as much as by matmuls, so most of these avoid building or copying whole 
 import torch
 import torch.nn.functional as F
 
-import model as plain  # plain.attention; the two modules import each other, and use each other only at call time
+from model import MaskedLM, attention
+
+# -----------------------------------------------------------------------------
+# where the model runs: device and precision, for train.py, evaluate.py and bench.py
+
+def pick_device(name="auto"):
+    """"auto" -> cuda if there is a GPU, else cpu; other names are checked. Example: "cpu" -> device(type='cpu')."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported (use auto, cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} was asked for, but no CUDA GPU is available")
+    return device
+
+def native_bf16(device):
+    """Whether bf16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AMX tiles or AVX512-BF16 (on other
+    CPUs bf16 is emulated and slower than fp32). Example: an AMD EPYC with AVX2 only -> False."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private torch API: absent -> no
+    return device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in probes)
+
+def pick_dtype(device, precision="auto"):
+    """"auto" -> "bf16" where bf16 is native (autocast), else "fp32". Example: (cpu without AMX, "auto") -> "fp32"."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
 # -----------------------------------------------------------------------------
 # RoPE fused with the q, k, v split
@@ -231,40 +264,44 @@ def block(blk, x, cos, sin, key_mask, rows=None):
     qkv = blk.qkv(blk.ln1(x)).view(B, T, 3 * blk.n_head, C // blk.n_head)  # (B, T, 3nh, hd)
     cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)  # keep bf16 under autocast
     q, k, v = RotaryQKV.apply(qkv, cos, sin, (C // blk.n_head) ** -0.5)  # each (B, nh, T, hd), q scaled
-    y = plain.attention(q, k, v, key_mask, scale=1.0).transpose(1, 2)  # (B, T, nh, hd)
+    y = attention(q, k, v, key_mask, scale=1.0).transpose(1, 2)  # (B, T, nh, hd)
     if rows is not None:
         x, y = x[rows], y[rows]  # (n, C), (n, nh, hd)
     y = y.reshape(x.shape)  # (B, T, C) or (n, C)
     x = dropout_add(x, blk.proj(y), blk.p, blk.training)
     return dropout_add(x, blk.mlp(blk.ln2(x)), blk.p, blk.training)
 
-def forward(model, input_ids, labels=None, attention_mask=None):
-    """model.MaskedLM.forward through the pieces above: the same inputs, outputs and maths."""
-    E = model.embedding_matrix()
-    # sparse: the lookup's gradient is only the B*T looked-up rows, added straight into the head's dense (V, C)
-    # gradient for E, instead of a zeroed (V, C) buffer plus one more (V, C) addition (torch.compile can't trace it)
-    sparse = not torch.compiler.is_compiling()
-    x = dropout(F.embedding(input_ids, E, sparse=sparse), model.config.dropout, model.training)  # (B, T, C)
-    cos, sin = model.rope(input_ids.shape[1], input_ids.device)
-    key_mask = None  # None keeps sdpa on its fastest kernel when nothing is padded
-    if attention_mask is not None:
-        key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-    rows = None
-    if labels is not None:
-        # only the positions with a target reach the loss: the head, and the last block after its attention,
-        # run on those rows alone (in training, the last block's dropout masks are drawn for these rows only)
-        b, t = (labels != -100).nonzero(as_tuple=True)  # (n,) each: where the targets are
-        n = len(b)
-        # round the row count up to a multiple of 128: a handful of distinct (n, V) shapes instead of one per
-        # step keeps the allocator reusing its blocks (otherwise a CPU process keeps growing)
-        i = F.pad(torch.arange(n, device=b.device), (0, -n % 128))  # the pad rows repeat the first target ...
-        rows = b[i], t[i]
-        y = labels[rows]
-        y[n:] = -100  # ... with no target, so they add nothing to the loss or the gradients
-    for blk in model.blocks[:-1]:
-        x = block(blk, x, cos, sin, key_mask)
-    x = block(model.blocks[-1], x, cos, sin, key_mask, rows)  # (B, T, C), or (n rounded up, C) with labels
-    if labels is None:
-        return F.linear(model.ln_f(x), E, model.out_bias), None  # (B, T, V)
-    logits, loss = LinearCrossEntropy.apply(model.ln_f(x), E, model.out_bias, y)  # (n rounded up, V), mean CE
-    return logits[:n], loss  # (n_labelled, V)
+class FastMaskedLM(MaskedLM):
+    """model.MaskedLM through the pieces above: the same inputs, outputs, maths and state_dict."""
+
+    def embedding_matrix(self):
+        return self.tok.weight + nhot_sum(self) if self.config.nhot else self.tok.weight
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        E = self.embedding_matrix()
+        # sparse: the lookup's gradient is only the B*T looked-up rows, added straight into the head's dense (V, C)
+        # gradient for E, instead of a zeroed (V, C) buffer plus one more (V, C) addition
+        x = dropout(F.embedding(input_ids, E, sparse=True), self.config.dropout, self.training)  # (B, T, C)
+        cos, sin = self.rope(input_ids.shape[1], input_ids.device)
+        key_mask = None  # None keeps sdpa on its fastest kernel when nothing is padded
+        if attention_mask is not None:
+            key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        rows = None
+        if labels is not None:
+            # only the positions with a target reach the loss: the head, and the last block after its attention,
+            # run on those rows alone (in training, the last block's dropout masks are drawn for these rows only)
+            b, t = (labels != -100).nonzero(as_tuple=True)  # (n,) each: where the targets are
+            n = len(b)
+            # round the row count up to a multiple of 128: a handful of distinct (n, V) shapes instead of one per
+            # step keeps the allocator reusing its blocks (otherwise a CPU process keeps growing)
+            i = F.pad(torch.arange(n, device=b.device), (0, -n % 128))  # the pad rows repeat the first target ...
+            rows = b[i], t[i]
+            y = labels[rows]
+            y[n:] = -100  # ... with no target, so they add nothing to the loss or the gradients
+        for blk in self.blocks[:-1]:
+            x = block(blk, x, cos, sin, key_mask)
+        x = block(self.blocks[-1], x, cos, sin, key_mask, rows)  # (B, T, C), or (n rounded up, C) with labels
+        if labels is None:
+            return F.linear(self.ln_f(x), E, self.out_bias), None  # (B, T, V)
+        logits, loss = LinearCrossEntropy.apply(self.ln_f(x), E, self.out_bias, y)  # (n rounded up, V), mean CE
+        return logits[:n], loss  # (n_labelled, V)

@@ -12,8 +12,9 @@ model and rare words share what they have in common with frequent ones.
     logits, loss = model(input_ids, labels=labels)   # logits: (n_labelled, V)
     logits, _ = model(input_ids)                     # logits: (B, T, V)
 
-This file is the plain model, library ops only. With ModelConfig.fast (the default) the same maths
-runs through the hand-written pieces in fast.py; ModelConfig(fast=False) runs exactly what you read here.
+This file is the plain model, library ops only, and it runs exactly what you read. fast.py builds a faster
+twin on it (FastMaskedLM: the same maths through hand-written pieces, the same state_dict); train.py and
+evaluate.py use that one unless given --no-fast.
 
 Positions are rotary (RoPE): the training recipe switches from 64- to 256-token sequences
 mid-run, and a rotation that depends only on relative distance has no learned table whose
@@ -25,8 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import fast
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -43,7 +42,6 @@ class ModelConfig:
     nhot: bool = False      # N-hot sub-token embedding sum on/off
     n_units: int = 0        # rows of the sub-token embedding table
     max_units: int = 0      # columns of the padded (vocab, max_units) N-hot table
-    fast: bool = True       # run the same maths through fast.py's hand-written pieces
 
 SIZES = {  # shapes for train.py --size
     "tiny":  dict(n_layer=4,  n_head=4,  d_model=256, d_ff=1024),   # CPU smoke tests and experiments
@@ -164,8 +162,6 @@ class MaskedLM(nn.Module):
         Example: token 7 with units [3, 9] (weights 1/sqrt(2)): E[7] = E_tok[7] + (E_sub[3] + E_sub[9]) / sqrt(2)."""
         if not self.config.nhot:
             return self.tok.weight
-        if self.config.fast:
-            return self.tok.weight + fast.nhot_sum(self)
         nsum = F.embedding_bag(self.nhot_ids, self.sub.weight, per_sample_weights=self.nhot_w, mode="sum")  # (V, C)
         return self.tok.weight + nsum
 
@@ -175,52 +171,27 @@ class MaskedLM(nn.Module):
                 self._rope = (T, *rope_tables(T, self.config.d_model // self.config.n_head, device))
         return self._rope[1][:T], self._rope[2][:T]
 
-    def forward(self, input_ids, labels=None, attention_mask=None):
-        """input_ids (B, T) -> (logits, loss).
-        With labels (B, T) (-100 = no target): logits (n_labelled, V) only at the targets, loss = mean CE.
-        Without labels: logits (B, T, V), loss None. attention_mask (B, T): 1 = token, 0 = padding."""
-        if self.config.fast:
-            return fast.forward(self, input_ids, labels, attention_mask)
+    def encode(self, input_ids, attention_mask=None):
+        """input_ids (B, T) -> (h, E): the encoder's output after the final LayerNorm, (B, T, C), and the
+        embedding matrix it used, (V, C), which the tied head reuses. attention_mask (B, T): 1 = token, 0 = padding.
+        Example: encode([[1, 7, 2]]) -> h of shape (1, 3, d_model), E of shape (vocab, d_model)."""
         E = self.embedding_matrix()
         x = F.dropout(F.embedding(input_ids, E), self.config.dropout, self.training)  # (B, T, C)
         cos, sin = self.rope(input_ids.shape[1], input_ids.device)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         for blk in self.blocks:
             x = blk(x, cos, sin, key_mask)
+        return self.ln_f(x), E
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        """input_ids (B, T) -> (logits, loss).
+        With labels (B, T) (-100 = no target): logits (n_labelled, V) only at the targets, loss = mean CE.
+        Without labels: logits (B, T, V), loss None. attention_mask (B, T): 1 = token, 0 = padding.
+        Example: labels [[-100, 7, -100]] -> logits (1, V) for position 1, loss = -log softmax(logits)[7]."""
+        h, E = self.encode(input_ids, attention_mask)
         if labels is None:
-            return F.linear(self.ln_f(x), E, self.out_bias), None  # (B, T, V)
+            return F.linear(h, E, self.out_bias), None  # (B, T, V)
         # only the positions with a target (15-40 %) reach the loss: the head runs on those rows alone
         targets = labels != -100
-        logits = F.linear(self.ln_f(x[targets]), E, self.out_bias)  # (n_labelled, V)
+        logits = F.linear(h[targets], E, self.out_bias)  # (n_labelled, V)
         return logits, F.cross_entropy(logits.float(), labels[targets])
-
-# -----------------------------------------------------------------------------
-# where the model runs: device and precision, for train.py and evaluate.py
-
-def pick_device(name="auto"):
-    """"auto" -> cuda if there is a GPU, else cpu; other names are checked. Example: "cpu" -> device(type='cpu')."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported (use auto, cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} was asked for, but no CUDA GPU is available")
-    return device
-
-def native_bf16(device):
-    """Whether bf16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AMX tiles or AVX512-BF16 (on other
-    CPUs bf16 is emulated and slower than fp32). Example: an AMD EPYC with AVX2 only -> False."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private torch API: absent -> no
-    return device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in probes)
-
-def pick_dtype(device, precision="auto"):
-    """"auto" -> "bf16" where bf16 is native (autocast), else "fp32". Example: (cpu without AMX, "auto") -> "fp32"."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
-    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision

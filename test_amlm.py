@@ -16,12 +16,14 @@ import torch.nn.functional as F
 
 import data
 import evaluate
-
+import tokenizer
+import optim
 import train
 from amlm import AMLM, mask_rate
-from data import CLS, SEP, MASK, FIRST_BYTE, FIRST_CHAR, DataError, Tokenizer, Batches
+from data import Batches
+from tokenizer import CLS, SEP, MASK, FIRST_BYTE, FIRST_CHAR, DataError, Tokenizer
 import fast
-from fast import RotaryQKV, LinearCrossEntropy, NHotSum, dropout, dropout_add, dropout_mask
+from fast import FastMaskedLM, RotaryQKV, LinearCrossEntropy, NHotSum, dropout, dropout_add, dropout_mask
 from model import MaskedLM, ModelConfig, apply_rope, rope_tables
 
 # -----------------------------------------------------------------------------
@@ -51,9 +53,9 @@ def _corpus_lines(n, seed=0):
 # ----------------------------------------------------------------------------- tokenizer
 
 def test_pre_tokenize_marks_word_starts():
-    assert data.pre_tokenize("I walked, (walked) 42x") == ["▁I", "▁walked", ",", "▁(", "walked", ")", "▁42", "x"]
-    assert data.pre_tokenize("didn't  stop...\n\tnow") == ["▁didn't", "▁stop", "...", "▁now"]
-    assert data.pre_tokenize("") == [] and data.pre_tokenize(" \n ") == []
+    assert tokenizer.pre_tokenize("I walked, (walked) 42x") == ["▁I", "▁walked", ",", "▁(", "walked", ")", "▁42", "x"]
+    assert tokenizer.pre_tokenize("didn't  stop...\n\tnow") == ["▁didn't", "▁stop", "...", "▁now"]
+    assert tokenizer.pre_tokenize("") == [] and tokenizer.pre_tokenize(" \n ") == []
 
 
 @pytest.mark.parametrize("s", [
@@ -92,7 +94,7 @@ def test_known_answer_merges():
 
 
 def test_merge_handles_overlaps():
-    assert data._merge([1, 1, 1], (1, 1), 9) == [9, 1]
+    assert tokenizer.merge([1, 1, 1], (1, 1), 9) == [9, 1]
     t = Tokenizer.train({"aaaa": 5}, FIRST_CHAR + 2 + 2)  # alphabet ▁ a, then aa, aaaa
     assert t.tokens[-2:] == ["aa", "aaaa"]
 
@@ -102,16 +104,16 @@ def test_long_pre_tokens_are_cut_before_bpe():
     word = "▁" + "ab" * 200
     t = Tokenizer.train({word: 3, "▁cd": 2}, FIRST_CHAR + 5 + 12)
     assert max(len(tok) for tok in t.tokens) <= data.MAX_PRETOKEN
-    assert "".join(data.chunks(word)) == word and [len(c) for c in data.chunks(word)] == [64] * 6 + [17]
+    assert "".join(tokenizer.chunks(word)) == word and [len(c) for c in tokenizer.chunks(word)] == [64] * 6 + [17]
     fresh = Tokenizer.from_json(t.to_json())  # empty cache: the cut happens in encoding too
     ids = fresh.encode(word[1:] + " cd")
-    assert ids == [i for c in data.chunks(word) for i in fresh._bpe(c)] + fresh.encode("cd")
+    assert ids == [i for c in tokenizer.chunks(word) for i in fresh._bpe(c)] + fresh.encode("cd")
     assert fresh.decode(ids) == word[1:] + " cd" and t.encode(word[1:]) == fresh.encode(word[1:])
 
 
 def test_training_is_deterministic_and_order_free():
     text = data.synthetic_text(500, seed=3)
-    counts = Counter(data.pre_tokenize(text))
+    counts = Counter(tokenizer.pre_tokenize(text))
     a, b = Tokenizer.train(text, 500), Tokenizer.train(dict(reversed(list(counts.items()))), 500)
     assert a.to_json() == b.to_json() and a.vocab_size == 500
 
@@ -125,7 +127,7 @@ def test_training_cache_equals_fresh_encoding(bpe_tok):
 def test_encode_words_groups_encode(bpe_tok):
     s = "The happiness of the dogs walked, (quickly) 🦊!"
     words = bpe_tok.encode_words(s)
-    assert len(words) == len(data.pre_tokenize(s)) and sum(words, []) == bpe_tok.encode(s)
+    assert len(words) == len(tokenizer.pre_tokenize(s)) and sum(words, []) == bpe_tok.encode(s)
     assert [bpe_tok.decode(w) for w in words][:2] == ["The", "happiness"]
 
 
@@ -160,15 +162,15 @@ def test_tampered_tokenizer_json(bpe_tok, key, value, msg):
 def test_simple_bpe_learns_the_fast_trainers_merges():
     # the reference loop and the heap-and-index trainer agree merge for merge, ties included: the corpus has
     # many equal counts (a, b and c, d occur equally often) and overlapping pairs (aaaa)
-    counts = Counter(data.pre_tokenize(data.synthetic_text(300, seed=5)))
+    counts = Counter(tokenizer.pre_tokenize(data.synthetic_text(300, seed=5)))
     counts.update({"abab": 3, "cdcd": 3, "aaaa": 4, "ab": 1, "cd": 1, "xyxyx": 2})
     chars = sorted({ch for w in counts for ch in w})
     words = [[chars.index(ch) for ch in w] for w in counts]
-    simple = data.learn_merges_simply(words, list(counts.values()), 1000, len(chars))  # runs out at 347
-    fast = data._learn_merges([list(w) for w in words], list(counts.values()), 1000, len(chars))
+    simple = tokenizer.learn_merges_simply(words, list(counts.values()), 1000, len(chars))  # runs out at 347
+    fast = tokenizer.learn_merges([list(w) for w in words], list(counts.values()), 1000, len(chars))
     assert len(simple) == 347 and simple == fast
     ab = [[0, 1, 0, 1]] * 3 + [[0, 1]]  # the docstring's example
-    assert data.learn_merges_simply(ab, [1] * 4, 5, 2) == [(0, 1), (2, 2)] == data._learn_merges(ab, [1] * 4, 5, 2)
+    assert tokenizer.learn_merges_simply(ab, [1] * 4, 5, 2) == [(0, 1), (2, 2)] == tokenizer.learn_merges(ab, [1] * 4, 5, 2)
 
 
 def test_rare_characters_use_bytes():
@@ -185,10 +187,10 @@ def test_vocab_smaller_than_alphabet():
 # ----------------------------------------------------------------------------- sub-token table
 
 def test_subtoken_units_worked_example():
-    assert data.subtoken_units("▁walked") == ["<", "w", "a", "l", "k", "e", "d", "<w", "wa", "al", "lk", "ke", "ed",
+    assert tokenizer.subtoken_units("▁walked") == ["<", "w", "a", "l", "k", "e", "d", "<w", "wa", "al", "lk", "ke", "ed",
                                               "d>", "<wa", "wal", "alk", "lke", "ked", "ed>"]
-    assert data.subtoken_units("ness") == ["n", "e", "s", "ne", "es", "ss", "s>", "nes", "ess", "ss>"]
-    assert "ed>" not in data.subtoken_units("▁edge")  # inner "ed" differs from suffix "ed>"
+    assert tokenizer.subtoken_units("ness") == ["n", "e", "s", "ne", "es", "ss", "s>", "nes", "ess", "ss>"]
+    assert "ed>" not in tokenizer.subtoken_units("▁edge")  # inner "ed" differs from suffix "ed>"
 
 
 def test_subtoken_table(bpe_tok):
@@ -206,7 +208,7 @@ def test_subtoken_table(bpe_tok):
     assert counts == sorted(counts, reverse=True)           # most frequent first
     i = bpe_tok.tokens.index("▁walked")
     names = [units[u] for u in table[i].tolist() if u >= 0]
-    assert set(names) <= set(data.subtoken_units("▁walked")) and {"<", "w", "ed>", "d>"} <= set(names)
+    assert set(names) <= set(tokenizer.subtoken_units("▁walked")) and {"<", "w", "ed>", "d>"} <= set(names)
     assert "▁walked" not in units
 
 
@@ -262,13 +264,6 @@ def test_half_written_cache_is_not_trusted(tmp_path):
     _write_text(tmp_path / "d" / "cache" / f"{key}.tmp999" / "train.npy", "garbage")
     d = data.prepare(str(f), tmp_path / "d", 400, quiet=True)
     assert d.key == key and not d.info["cache_hit"] and broken.stat().st_size > 100 and d.train[0] == CLS
-
-
-def test_non_utf8_bytes(tmp_path):
-    f = tmp_path / "bad.train"
-    f.write_bytes(b"caf\xe9 ok\n" + b"\xff\xfe hello there\n" * 20 + b"plain line\n" * 20)
-    d = data.prepare(str(f), tmp_path / "d", 400, quiet=True)
-    assert "\ufffd" in d.tokenizer.decode(d.train) and "hello there" in d.tokenizer.decode(d.train)
 
 
 @pytest.mark.parametrize("corpus", ["no/such/file.txt", "babylm_1B", "synthetik"])
@@ -452,7 +447,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 # model
 
-def tiny_model(nhot=True, V=300, dropout=0.0, seed=0):
+def tiny_model(nhot=True, V=300, dropout=0.0, seed=0, fast=True):
     torch.manual_seed(seed)
     table = None
     if nhot:
@@ -460,7 +455,7 @@ def tiny_model(nhot=True, V=300, dropout=0.0, seed=0):
         table[:, 4:] = -1
         table[:5] = -1  # specials have no units
     cfg = ModelConfig(vocab_size=V, n_layer=2, n_head=2, d_model=32, d_ff=64, max_len=64, dropout=dropout)
-    return MaskedLM(cfg, nhot_table=table)
+    return (FastMaskedLM if fast else MaskedLM)(cfg, nhot_table=table)
 
 def masked_batch(V=300, B=4, T=16, p=0.3, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -477,9 +472,10 @@ def test_shapes_both_modes():
     logits, loss = m(inp)
     assert logits.shape == (4, 16, 300) and loss is None
 
-def test_initial_loss_is_uniform_guess():
+@pytest.mark.parametrize("fast", [True, False])
+def test_initial_loss_is_uniform_guess(fast):
     for nhot in (False, True):
-        _, loss = tiny_model(nhot=nhot)(*masked_batch())
+        _, loss = tiny_model(nhot=nhot, fast=fast)(*masked_batch())
         assert abs(loss.item() - math.log(300)) < 0.1 * math.log(300)
 
 def test_tied_weights_share_storage_and_nhot_changes_matrix():
@@ -495,8 +491,9 @@ def test_tied_weights_share_storage_and_nhot_changes_matrix():
     expect = m.tok.weight[7] + m.sub.weight[units].sum(0) / math.sqrt(len(units))
     assert torch.allclose(E[7], expect, atol=1e-6)
 
-def test_padding_does_not_leak():
-    m = tiny_model().eval()
+@pytest.mark.parametrize("fast", [True, False])
+def test_padding_does_not_leak(fast):
+    m = tiny_model(fast=fast).eval()
     x, _ = masked_batch()
     mask = torch.ones_like(x)
     mask[:, 12:] = 0
@@ -527,8 +524,9 @@ def test_tied_gradient_is_dense_and_counts_both_uses():
             w[row, 3] += eps
             assert abs((up - down) / (2 * eps) - g[row, 3].item()) < 1e-6
 
-def test_masked_logits_equal_full_rows():
-    m = tiny_model().eval()
+@pytest.mark.parametrize("fast", [True, False])
+def test_masked_logits_equal_full_rows(fast):
+    m = tiny_model(fast=fast).eval()
     inp, lab = masked_batch()
     part, _ = m(inp, labels=lab)
     full, _ = m(inp)
@@ -552,16 +550,18 @@ def test_targets_only_path_has_the_full_paths_loss_and_gradients():
     mask[0], lab[0] = 0, -100
     assert torch.isfinite(m(inp, labels=lab, attention_mask=mask)[1])
 
-def test_bf16_agrees_with_fp32():
-    m = tiny_model().eval()
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_agrees_with_fp32(fast):
+    m = tiny_model(fast=fast).eval()
     inp, lab = masked_batch()
     a, _ = m(inp, labels=lab)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         b, _ = m(inp, labels=lab)
     assert (a - b.float()).abs().max() < 0.05 * a.abs().max() + 0.05
 
-def test_overfits_one_batch():
-    m = tiny_model(dropout=0.0)
+@pytest.mark.parametrize("fast", [True, False])
+def test_overfits_one_batch(fast):
+    m = tiny_model(dropout=0.0, fast=fast)
     inp, lab = masked_batch(B=2, T=12)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     for _ in range(200):
@@ -592,28 +592,29 @@ def test_nhot_flat_form_follows_a_loaded_table():
 
 
 def test_fast_and_plain_paths_agree():
-    # the one switch: the same weights and batch through fast.py and through model.py's plain code, dropout 0,
-    # fp32: loss, the masked rows' logits, full logits and every parameter's gradient agree to 1e-5 (relative to
-    # each tensor's largest entry); the fast path's embedding gradient arrives dense like the plain one
+    # fast.py's FastMaskedLM against model.py's MaskedLM with the same weights and batch, dropout 0, fp32: loss, the
+    # masked rows' logits, full logits and every parameter's gradient agree to 1e-5 (relative to each tensor's
+    # largest entry); the fast path's embedding gradient arrives dense like the plain one; the state_dicts are one
     m = tiny_model(nhot=True)
+    plain = MaskedLM(m.config)
+    plain.load_state_dict(m.state_dict())
+    assert m.state_dict().keys() == plain.state_dict().keys()
     inp, lab = masked_batch(B=6, T=24)
     mask = torch.ones_like(inp)
     mask[1, 18:] = 0
     lab[1, 18:] = -100
     out = {}
-    for mode in (True, False):
-        m.config.fast = mode
-        logits, loss = m(inp, labels=lab, attention_mask=mask)
-        grads = torch.autograd.grad(loss, list(m.parameters()))
-        out[mode] = logits, loss, grads, m(inp, attention_mask=mask)[0]
-    (lf, sf, gf, ff), (lp, sp, gp, fp) = out[True], out[False]
+    for name, net in (("fast", m), ("plain", plain)):
+        logits, loss = net(inp, labels=lab, attention_mask=mask)
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        out[name] = logits, loss, grads, net(inp, attention_mask=mask)[0]
+    (lf, sf, gf, ff), (lp, sp, gp, fp) = out["fast"], out["plain"]
     close = lambda a, b: (a - b).abs().max() <= 1e-5 * b.abs().max()
     assert abs(sf.item() - sp.item()) < 1e-5 and close(lf, lp) and close(ff, fp) and close(lf, fp[lab != -100])
     for (name, _), a, b in zip(m.named_parameters(), gf, gp):
         assert a.layout == torch.strided and close(a, b), name
     # no custom autograd.Function on the plain path: its graph holds library nodes only
-    m.config.fast = False
-    _, loss = m(inp, labels=lab)
+    _, loss = plain(inp, labels=lab)
     seen, todo = set(), [loss.grad_fn]
     while todo:
         f = todo.pop()
@@ -622,6 +623,20 @@ def test_fast_and_plain_paths_agree():
             todo += [g for g, _ in f.next_functions]
     assert not any("BackwardCFunction" in type(f).__name__ for f in seen) and len(seen) > 20
 
+def test_model_py_stands_alone():
+    # the plain model imports only torch and the standard library, and no module of the project imports another
+    # in a circle (fast.py builds on model.py, never the other way round)
+    imports = lambda f: re.findall(r"^(?:from|import) (\w+)", (Path(HERE) / f).read_text(), flags=re.M)
+    assert set(imports("model.py")) <= {"math", "dataclasses", "torch"}
+    ours = {p.stem for p in Path(HERE).glob("*.py")}
+    graph = {p.stem: {m for m in imports(p.name) if m in ours} for p in Path(HERE).glob("*.py") if p.stem != "test_amlm"}
+    def reach(start, seen):
+        for m in graph.get(start, ()):
+            if m not in seen:
+                seen.add(m)
+                reach(m, seen)
+        return seen
+    assert not [m for m in graph if m in reach(m, set())], "a circular import"
 
 def test_nhot_sum_backward_is_the_transposed_bag():
     # the docstring's example: N = [[1, 1], [0, 1]], g = [[1], [2]] -> gradient N^T g = [[1], [3]]
@@ -779,7 +794,7 @@ def test_bad_checkpoints_are_refused(data_dir, tmp_path, capsys):
     ck = run(["--max-steps", "2"], data_dir, tmp_path / "a")  # a real run, then a different shape
     ck["config"]["d_model"] = 64
     torch.save(ck, tmp_path / "a" / "latest.pt")
-    with pytest.raises(SystemExit, match="another model shape or tokenizer"):
+    with pytest.raises(SystemExit, match="does not match this version of model.py"):
         train.main(["--resume", str(tmp_path / "a"), "--data-dir", data_dir])
     with pytest.raises(evaluate.EvalError):
         evaluate.load_checkpoint(str(tmp_path / "latest.pt"))
@@ -803,6 +818,7 @@ def test_ctrl_c_saves_latest(data_dir, tmp_path):
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 130, out
     assert "Traceback" not in out
+    assert f"stopping: the step in progress ends, then {tmp_path}/latest.pt is saved" in out  # said at once
     ck = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert ck["step"] >= 10 and not (tmp_path / "train.lock").exists()
 
@@ -811,13 +827,13 @@ def test_lamb_follows_the_published_update():
     # the docstring's worked example: w [3, 4], gradient [1, 0]: trust ratio 5, one step of lr 0.1 * 5 = 0.5
     w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
     w.grad = torch.tensor([1.0, 0.0])
-    train.Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=1e-9).step()
+    optim.Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=1e-9).step()
     assert torch.allclose(w.data, torch.tensor([2.5, 4.0]))
     # You et al. 2020, Algorithm 2, written out in numpy for two tensors over three steps, with weight decay
     rng = np.random.default_rng(0)
     ws = [rng.normal(size=(3, 2)), rng.normal(size=4)]
     params = [torch.nn.Parameter(torch.tensor(x)) for x in ws]
-    opt = train.Lamb(params, lr=0.01, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    opt = optim.Lamb(params, lr=0.01, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     ms, vs = [np.zeros_like(x) for x in ws], [np.zeros_like(x) for x in ws]
     for t in range(1, 4):
         grads = [rng.normal(size=x.shape) for x in ws]
@@ -1314,7 +1330,7 @@ def test_entity_tracking_and_ewok_grouping():
     assert res["score"] == pytest.approx((200 / 3 + 100) / 2)
 
 def test_wug_softmax_spearman():
-    items = [({"uid": "wug"}, [0, 0], r) for r in (0.9, 0.5, 0.1, 0.5)]
+    items = [({"uid": "wug"}, [0, 0], {"ratio": r, "class": "-ous"}) for r in (0.9, 0.5, 0.1, 0.5)]
     res = evaluate.task_result("wug", items, [[0.0, -2.0], [-1.0, -1.0], [-3.0, 0.0], [-1.0, -1.5]])
     p = [1 / (1 + math.exp(d)) for d in (-2.0, 0.0, 3.0, -0.5)]  # softmax share of the first sentence
     assert res["score"] == pytest.approx(100 * evaluate.spearman(p, [0.9, 0.5, 0.1, 0.5]))
@@ -1396,7 +1412,7 @@ def test_cli_end_to_end(model, tok, task_dir, tmp_path, capsys):
     evaluate.main([str(ckpt), str(task_dir[0]), str(task_dir[1]), "--out", str(out), "--device", "cpu", "--precision", "fp32"])
     printed = capsys.readouterr()
     assert "tasks" in printed.out and "morphology" in printed.out and "PLL standard" in printed.out
-    assert "notes.jsonl: unknown format" in printed.err
+    assert "notes.jsonl: unknown format" in printed.err and "PLL:" not in printed.err  # no bar: not a terminal
     res = json.loads(out.read_text())
     direct = evaluate.evaluate_paths(model, tok, task_dir, precision="fp32", progress=False)
     assert res["step"] == 3 and res["accuracy"] == pytest.approx(direct["accuracy"]) and res["unscored"] == []
@@ -1458,6 +1474,89 @@ def test_headline_keeps_accuracy_and_correlation_apart():
     assert text == "accuracy 55.00 (2 tasks), correlation 30.00 (Spearman x 100, 2 tasks)"
 
 
+def test_full_disk_evaluate_prints_the_results_and_one_sentence(model, tok, task_dir, tmp_path, capsys, monkeypatch):
+    ckpt, out = tmp_path / "latest.pt", tmp_path / "r.json"
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), "tokenizer": tok.to_json()}, ckpt)
+    def dump(obj, f, **kw):
+        f.write("{")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(json, "dump", dump)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(ckpt), str(task_dir[0]), "--out", str(out), "--precision", "fp32"])
+    printed = capsys.readouterr()
+    assert e.value.code == 1 and "headline: accuracy" in printed.out  # the results, on stdout
+    assert printed.err.splitlines()[-1] == f"error: cannot write --out {out} (No space left on device); the results are printed above"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "other", "tasks"]  # no r.json, no temporary file
+
+def test_malformed_items_are_skipped_and_counted(model, tok, tmp_path):
+    rows = [{"sentence_good": "a dog ran .", "sentence_bad": "a dog ran ran .", "UID": "u"},
+            {"sentence_good": "the cat sat .", "sentence_bad": "the cat sat .", "UID": "u"},  # identical: a tie
+            {"sentence_good": "", "sentence_bad": "a dog ran ran .", "UID": "u"},  # empty: a PLL of 0 always wins
+            {"sentence_good": "a dog ran .", "sentence_bad": " ", "UID": "v"}]
+    f = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    res = evaluate.evaluate_paths(model, tok, [f], precision="fp32", progress=False)["tasks"]["pairs"]
+    assert res["items"] == 1 and set(res["by_uid"]) == {"u"}
+    assert res["skipped_items"] == {"identical sentences": 1, "an empty sentence": 2}
+    assert "skipped 3 items (identical sentences: 1, an empty sentence: 2)" in evaluate.format_table(
+        {"tasks": {"pairs": res}, "accuracy": 1.0, "correlation": None, "pll": "standard", "precision": "fp32",
+         "copies": 0, "seconds": 0.0})
+
+def _wug_items(n_per_class=30, seed=0, signal=0.0):
+    """Constructed WUG items: four classes with their own mean human ratio and token-count difference, the model's
+    log-likelihood ratio a function of class and dtok (plus, with signal > 0, of the item's own ratio)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for c, (mean, dtok) in {"-able": (0.8, -2), "-ive": (0.6, 0), "-ous": (0.5, -1), "-ish": (0.05, 0)}.items():
+        for k in range(n_per_class):
+            ratio = float(np.clip(mean + rng.normal(0, 0.15), 0, 1))
+            d = int(dtok + rng.integers(-1, 2))
+            llr = -1.0 * d + 0.5 * mean + signal * (ratio - mean) + 0.01 * rng.normal()
+            items.append({"pair": [f"x{c}{k}ity", f"x{c}{k}ness"], "ratio": ratio, "class": c, "dtok": d, "llr": llr})
+    return items
+
+def test_controlled_score_sees_through_class_and_token_counts():
+    items = _wug_items()
+    official = evaluate.spearman([i["llr"] for i in items], [i["ratio"] for i in items])
+    c = evaluate.controlled(items)
+    assert official > 0.5 and abs(c["rho_ctrl"]) < 15 and c["ci"][0] < 0 < c["ci"][1]  # class and dtok: nothing left
+    assert c["classes"] == {"-able": 30, "-ish": 30, "-ive": 30, "-ous": 30}
+    real = evaluate.controlled(_wug_items(signal=5.0))
+    assert real["rho_ctrl"] > 50 and real["ci"][0] > 0  # a real within-class signal is seen
+    assert evaluate.controlled(items, seed=3) == evaluate.controlled(items, seed=3)  # the bootstrap is seeded
+    assert evaluate.controlled(items, seed=3)["ci"] != evaluate.controlled(items, seed=4)["ci"]
+    # paired: a model against itself differs by exactly 0; against the constructed signal clearly
+    same = evaluate.compare_controlled(items, items)
+    assert same["difference"] == 0 and same["ci"] == [0, 0] and same["items"] == 120
+    diff = evaluate.compare_controlled(_wug_items(signal=5.0), items)
+    assert diff["difference"] > 50 and diff["ci"][0] > 0
+    with pytest.raises(evaluate.EvalError, match="share 0 WUG items"):
+        evaluate.compare_controlled(items, [{**i, "pair": ["a", "b"]} for i in items])
+
+def test_wug_class_limit_and_cli(model, tok, tmp_path, capsys):
+    assert evaluate.wug_class(["Create ... adjective: tefigious. tefigiosity", "... adjective: tefigious. tefigiousness"]) == "-ous"
+    assert evaluate.wug_class(["the catness was home .", "the catity was home ."]) == "-cat"  # any other: its last letters
+    # a WUG file sorted by class: --limit takes the same share of each class, not the first lines
+    rows = [{"sentences": f"make a noun: {a}{s}. {a}{s}ity\tmake a noun: {a}{s}. {a}{s}ness", "ratio": r}
+            for s, r in (("able", 0.9), ("ish", 0.1), ("ive", 0.6), ("ous", 0.5)) for a, r in
+            zip(("nut", "bli", "fro", "gla", "pre", "sto"), (r, r - 0.05, r + 0.05, r - 0.1, r + 0.1, r))]
+    f = write_jsonl(tmp_path / "wug.jsonl", rows)
+    _, items, _ = evaluate.read_items(f, limit=8)
+    assert Counter(it[2]["class"] for it in items) == {"-able": 2, "-ish": 2, "-ive": 2, "-ous": 2}
+    assert [it[1][0][1] for it in items][:2] == [r["sentences"].split("\t")[0] for r in rows[:2]]  # the first of each
+    # the CLI prints rho_ctrl with its CI and the classes; two result files compare on the same items
+    ckpt = tmp_path / "m.pt"
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), "tokenizer": tok.to_json()}, ckpt)
+    for name in ("a", "b"):
+        evaluate.main([str(ckpt), str(f), "--out", str(tmp_path / f"{name}.json"), "--precision", "fp32"])
+    out = capsys.readouterr().out
+    assert "rho_ctrl (class, dtok held)" in out and "items per class: -able 6, -ish 6, -ive 6, -ous 6" in out
+    res = json.loads((tmp_path / "a.json").read_text())["tasks"]["wug"]
+    assert len(res["per_item"]) == 24 and {"dtok", "llr", "ratio", "class", "pair"} <= set(res["per_item"][0])
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert e.value.code == 0 and "A - B +0.0, 95 % paired bootstrap CI [+0.0, +0.0]" in capsys.readouterr().out
+
+
 # -----------------------------------------------------------------------------
 # bad input: one table for the three command lines. Each case must exit non-zero with one line on
 # stderr naming the problem, no traceback, and nothing half-written: the files it was given stay as they were
@@ -1470,6 +1569,8 @@ class _RunsCode:
 SETUP = {  # files some cases need, made in the case's tmp folder
     "afile": lambda tmp, run: (tmp / "afile").write_text("x"),
     "tasks": lambda tmp, run: write_jsonl(tmp / "tasks.jsonl", [{"sentence_good": "a dog ran .", "sentence_bad": "a dog ran ran ."}]),
+    "empties": lambda tmp, run: write_jsonl(tmp / "empties.jsonl", [{"sentence_good": "", "sentence_bad": "a dog ran ran ."},
+                                                                    {"sentence_good": "a dog ran .", "sentence_bad": "  "}]),
     "tiny": lambda tmp, run: (tmp / "tiny.txt").write_text("a b.\nc d.\ne f.\n"),  # 2 train lines, 14 tokens
     "empty": lambda tmp, run: (tmp / "empty.txt").write_text(" \n\n"),
     "emptydir": lambda tmp, run: (tmp / "emptydir").mkdir(),
@@ -1488,7 +1589,16 @@ SETUP = {  # files some cases need, made in the case's tmp folder
     "locked": lambda tmp, run: (tmp / "locked").mkdir() or (tmp / "locked" / "train.lock").write_text(
         f"{os.getppid()}@{socket.gethostname()}"),  # a live process: pytest's parent
     "ro": lambda tmp, run: (tmp / "ro").mkdir(mode=0o555),
+    "latin1": lambda tmp, run: (tmp / "latin1.txt").write_bytes("a line\ncafé au lait\n".encode("latin-1")),
+    "binary": lambda tmp, run: (tmp / "x.train").write_bytes(b"some text\n" + bytes(range(256)) * 100),
+    "zip": lambda tmp, run: _zip_corpus(tmp / "train_10M.zip"),
+    "zipdir": lambda tmp, run: (tmp / "zipdir").mkdir() or _zip_corpus(tmp / "zipdir" / "train_10M.zip"),
 }
+
+def _zip_corpus(path):
+    """A zip like the one BabyLM serves: a folder of *.train files, compressed."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("train_10M/childes.train", _corpus_lines(300))
 as_root = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 E = "{ckpt} {tmp}/tasks.jsonl --out {tmp}/r.json"  # evaluate.py: a good command, then one bad thing
@@ -1540,8 +1650,8 @@ BAD_INPUT = [  # (command line, arguments (train.py: after a good small run's fl
     ("train", "--resume {tmp}/nothere", "", "cannot resume from {tmp}/nothere: it holds no latest.pt"),
     ("train", "--resume {run}/latest.pt", "", "--resume takes the run folder, not a file: try --resume {run}"),
     ("train", "--resume {tmp}/noopt", "noopt", "its latest.pt lacks optimizer"),
-    ("train", "--resume {tmp}/truncated", "truncated", "its latest.pt is unreadable"),
-    ("train", "--resume {tmp}/pickle", "pickle", "its latest.pt is unreadable"),
+    ("train", "--resume {tmp}/truncated", "truncated", "cannot resume from {tmp}/truncated: cannot read checkpoint"),
+    ("train", "--resume {tmp}/pickle", "pickle", "cannot resume from {tmp}/pickle: cannot read checkpoint"),
     # train.py: the run folder
     ("train", "--out {run}", "", "{run} already holds a run (latest.pt); continue it with --resume {run}"),
     ("train", "--out {tmp}/orphans", "orphans", "holds files of an earlier run (log.txt) but no latest.pt"),
@@ -1556,11 +1666,20 @@ BAD_INPUT = [  # (command line, arguments (train.py: after a good small run's fl
     ("train", "--corpus {tmp}/emptydir", "emptydir", "holds no *.train or *.txt files"),
     ("train", "--corpus {tmp}/tiny.txt", "tiny", "the corpus gives 14 training tokens, fewer than the 32 of one block"),
     ("train", "--vocab-size 10", "", "vocab size 10 is smaller than the"),
+    ("train", "--corpus {tmp}/latin1.txt", "latin1", "latin1.txt is not UTF-8 text: byte 10 is 0xE9"),
+    ("train", "--corpus {tmp}/x.train", "binary", "x.train is not a text file: byte 10 is a NUL byte"),
+    ("train", "--corpus {tmp}/train_10M.zip", "zip", "train_10M.zip is a zip archive: unzip it"),
+    ("train", "--corpus {tmp}/zipdir", "zipdir", "holds no *.train or *.txt files (train_10M.zip is a zip archive"),
+    ("train", "--seq-len 1", "", "--seq-len 1: every length must be at least 4"),
+    ("train", "--seq-len 2,32", "", "--seq-len 2,32: every length must be at least 4"),
+    ("train", "--compile --fast", "", "--compile compiles the plain model"),
     # data.py
     ("data", "--corpus {tmp}/missing.txt --data-dir {data}", "", "unknown corpus"),
     ("data", "--corpus {tmp}/tiny.txt --vocab-size abc", "tiny", "--vocab-size: invalid int value: 'abc'"),
     ("data", "--corpus {tmp}/tiny.txt --data-dir {data} --vocab-size 0", "tiny", "vocab size must be a positive integer"),
     ("data", "--corpus {tmp}/empty.txt --data-dir {data}", "empty", "holds no text"),
+    ("data", "--corpus {tmp}/latin1.txt --data-dir {data}", "latin1", "latin1.txt is not UTF-8 text: byte 10"),
+    ("data", "--corpus {tmp}/train_10M.zip --data-dir {data}", "zip", "is a zip archive: unzip it"),
     # evaluate.py
     ("evaluate", E + " --out {tmp}/results", "results", "--out {tmp}/results is a folder; give a file name"),
     ("evaluate", E + " --out {tmp}/afile/r.json", "afile", "cannot write --out {tmp}/afile/r.json"),
@@ -1578,6 +1697,10 @@ BAD_INPUT = [  # (command line, arguments (train.py: after a good small run's fl
     ("evaluate", "{tmp}/emptydir {tmp}/tasks.jsonl --out {tmp}/r.json", "emptydir", "is a folder; give a .pt file"),
     ("evaluate", "{tmp}/missing.pt {tmp}/tasks.jsonl --out {tmp}/r.json", "", "missing.pt does not exist"),
     ("evaluate", "{tmp}/afile {tmp}/tasks.jsonl --out {tmp}/r.json", "afile", "cannot read checkpoint"),
+    ("evaluate", "{ckpt}", "", "give a checkpoint and at least one PATH"),
+    ("evaluate", "--compare {tmp}/afile {tmp}/afile", "afile", "afile is not a results file of evaluate.py --out"),
+    ("evaluate", "{ckpt} --compare {tmp}/afile {tmp}/afile", "afile", "--compare takes two result files, not a checkpoint"),
+    ("evaluate", "{ckpt} {tmp}/empties.jsonl", "empties", "every minimal_pairs item was skipped (an empty sentence: 2)"),
 ]
 
 @pytest.fixture(scope="module")
@@ -1727,6 +1850,60 @@ def test_help_gives_one_default_per_flag_and_says_what_resume_keeps():
         assert args.vocab_size == vocab and args.batch_tokens == 16384
     assert train.parse_args(["--corpus", "synthetic"])[0].batch_tokens == 4096
 
+def _full_disk(monkeypatch, kind):
+    """torch.save on a full disk: it writes part of the file, then fails the way torch reports it."""
+    real = torch.save
+    def save(obj, path, *a, **kw):
+        if str(path).endswith(".pt") or ".pt.tmp" in str(path):
+            Path(path).write_bytes(b"half a checkpoint")
+            if kind == "oserror":
+                raise OSError(28, "No space left on device")
+            monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real(obj, path, *a, **kw)
+    monkeypatch.setattr(torch, "save", save)
+
+@pytest.mark.parametrize("kind", ["oserror", "runtimeerror"])
+def test_full_disk_train_one_sentence_previous_latest_intact(data_dir, tmp_path, capsys, monkeypatch, kind):
+    run(["--max-steps", "4", "--stop-after", "2"], data_dir, tmp_path)
+    before, names = (tmp_path / "latest.pt").read_bytes(), sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    _full_disk(monkeypatch, kind)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path), "--data-dir", data_dir])
+    err = capsys.readouterr().err
+    assert str(e.value.code).startswith(f"error: cannot write {tmp_path}/latest.pt (") and "Traceback" not in err
+    assert ("No space left on device" if kind == "oserror" else "no space left on device") in str(e.value.code)
+    assert (tmp_path / "latest.pt").read_bytes() == before  # the previous checkpoint, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # no temporary file left, no lock
+
+def test_stale_temp_files_are_removed_at_the_next_start(data_dir, tmp_path, capsys):
+    run(["--max-steps", "4", "--stop-after", "2"], data_dir, tmp_path)
+    for name in ("latest.pt.tmp4242", "ckpt_1M.pt.tmp77", "summary.json.tmp9", "notes.tmp1", "latest.pt.tmpx"):
+        (tmp_path / name).write_bytes(b"left by a killed run")  # the last two are not names train.py writes
+    capsys.readouterr()
+    train.main(["--resume", str(tmp_path), "--data-dir", data_dir])
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("*.tmp*")) == ["latest.pt.tmpx", "notes.tmp1"]
+    assert err.count("a temporary file an interrupted run left") == 3
+
+def test_what_the_log_says_before_the_first_step(data_dir, tmp_path, capsys, monkeypatch):
+    # the estimate, a rising rate said as rising, too few AMLM updates noted; a vocabulary the corpus cannot fill
+    train.main(SMALL + ["--data-dir", data_dir, "--out", str(tmp_path / "a"), "--max-steps", "6", "--vocab-size", "100000",
+                        "--mask-rate-start", "0.1", "--mask-rate-end", "0.4"])
+    log, err = (tmp_path / "a" / "log.txt").read_text(), capsys.readouterr().err
+    assert "the vocabulary stops there, short of the 100,000 asked for (--vocab-size)" in err
+    assert "masking: hard, rate 0.10 -> 0.40 (rising)" in log and "update the masking weights 1 time(s)" in log
+    estimate = re.search(r"estimate: 6 steps of 512 tokens on cpu \(fp32\) take about (\d+) s", log)
+    assert estimate and log.index("estimate:") < log.index("step 1/6") and "note: this is a GPU-sized run" not in log
+    # a run that would take days on this CPU names one that fits, with its own estimate
+    import progress
+    monkeypatch.setattr(progress, "run_seconds", lambda *a, **kw: 3 * 86400.0)
+    lines = progress.estimate_lines(tiny_model(), train.parse_args(SMALL + ["--max-steps", "9"])[0], 0, 9,
+                                    torch.autocast("cpu", enabled=False), train.seq_len_at)
+    assert "take about 72.0 h (3.0 days)" in lines[0] and "python train.py --corpus synthetic --size tiny" in lines[1]
+
+
 # -----------------------------------------------------------------------------
 # export.py: the Hugging Face folder, checked through transformers (a test dependency only: without it these
 # tests skip, unless AMLM_REQUIRE_TRANSFORMERS is set, as .ci/run does, which turns a missing one into a failure)
@@ -1790,13 +1967,22 @@ def _check_offsets(text, tokens, offsets):
     assert "".join(spelled) == "".join(text.replace("▁", " ").split())
 
 
+def _with_specials(tok, s):
+    """Our ids of s with each special token's name typed in it as that special token (what Hugging Face
+    tokenizers do; tokenizer.Tokenizer itself keeps them plain text). Example: "a [MASK] b" -> [▁a, MASK, ▁b]"""
+    parts = re.split("(" + "|".join(map(re.escape, tokenizer.SPECIALS)) + ")", s)
+    return [i for p in parts for i in ([tokenizer.SPECIALS.index(p)] if p in tokenizer.SPECIALS else tok.encode(p))]
+
 def test_export_tokenizer_ids_offsets_decode_on_tricky_text(hf_ckpt, hf_tok):
     _, tok = _ours(hf_ckpt)
     for s in TRICKY:
         enc = hf_tok(s, return_offsets_mapping=True)
-        assert enc["input_ids"] == [CLS] + tok.encode(s) + [SEP], repr(s)
-        _check_offsets(s, hf_tok.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"])
-        assert hf_tok.decode(enc["input_ids"], skip_special_tokens=True) == tok.decode(tok.encode(s)), repr(s)
+        ours = _with_specials(tok, s)
+        assert enc["input_ids"] == [CLS] + ours + [SEP], repr(s)
+        assert ours == tok.encode(s) or any(name in s for name in tokenizer.SPECIALS)  # identical without the names
+        if ours == tok.encode(s):
+            _check_offsets(s, hf_tok.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"])
+        assert hf_tok.decode(enc["input_ids"], skip_special_tokens=True) == tok.decode(ours), repr(s)
     pair = hf_tok("The cat sat.", "  A dog 🦊 ran. ")
     assert pair["input_ids"] == [CLS] + tok.encode("The cat sat.") + [SEP] + tok.encode("  A dog 🦊 ran. ") + [SEP]
     assert "token_type_ids" not in pair  # the model has no segment embedding
@@ -1811,7 +1997,7 @@ def test_export_tokenizer_every_code_point(hf_tok):
     marked = "▁" + "▁".join(text.replace("▁", " ").split())
     assert backend.normalizer.normalize_str(text) == marked
     pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(marked)]
-    assert pieces == [c for w in data.PAT.findall(marked) for c in data.chunks(w)]
+    assert pieces == [c for w in data.PAT.findall(marked) for c in tokenizer.chunks(w)]
     spaced = "x".join(text)  # every code point alone between two letters: whitespace becomes a word break
     assert backend.normalizer.normalize_str(spaced) == "▁" + "▁".join(spaced.replace("▁", " ").split())
 
@@ -1858,7 +2044,7 @@ def test_export_classifier_fine_tunes_both_embedding_tables(hf_dir):
     ids = torch.randint(FIRST_CHAR, clf.config.vocab_size, (4, 20))
     loss = clf(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1, 0, 1])).loss
     loss.backward()
-    enc = clf.amlm
+    enc = clf.amlm.lm
     assert enc.tok.weight.grad.abs().sum() > 0 and enc.sub.weight.grad.abs().sum() > 0  # N-hot keeps training
 
 
@@ -1869,12 +2055,59 @@ def test_export_safetensors_config_and_processor(hf_ckpt, hf_dir, hf_tok):
     import safetensors.torch as st  # comes with transformers: an independent reader of our writer
     ck = torch.load(hf_ckpt, weights_only=True)
     tensors = st.load_file(hf_dir / "model.safetensors")
-    assert {k.removeprefix("amlm."): v for k, v in tensors.items()}.keys() == ck["model"].keys()
-    assert all(torch.equal(v, ck["model"][k.removeprefix("amlm.")]) for k, v in tensors.items())
+    assert {k.removeprefix("amlm.lm."): v for k, v in tensors.items()}.keys() == ck["model"].keys()
+    assert all(torch.equal(v, ck["model"][k.removeprefix("amlm.lm.")]) for k, v in tensors.items())
     cfg = json.loads((hf_dir / "config.json").read_text())
     assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification"}
     assert cfg["amlm_step"] == ck["step"] and "import amlm" not in (hf_dir / "modeling_amlm.py").read_text()
+    assert (hf_dir / "model.py").read_bytes() == Path(HERE, "model.py").read_bytes()  # the maths, imported relatively
+    for maths in ("def apply_rope", "class Block", "embedding_bag", "def attention"):  # no second copy of it
+        assert maths not in (hf_dir / "modeling_amlm.py").read_text()
     assert json.loads((hf_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+FRESH_LOAD = """
+import sys, torch, transformers as tf
+folder, data = sys.argv[1], torch.load(sys.argv[2])
+kw = dict(trust_remote_code=True)
+mlm = tf.AutoModelForMaskedLM.from_pretrained(folder, **kw).eval()
+base = tf.AutoModel.from_pretrained(folder, **kw).eval()
+clf = tf.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3, **kw)
+with torch.no_grad():
+    logits = mlm(input_ids=data["ids"], attention_mask=data["mask"]).logits
+    hidden = base(input_ids=data["ids"], attention_mask=data["mask"]).last_hidden_state
+assert clf(input_ids=data["ids"]).logits.shape == (len(data["ids"]), 3)
+fill = tf.pipeline("fill-mask", model=folder, **kw)("The happy dog [MASK] home.", top_k=3)
+print("max diff", float((logits - data["logits"]).abs().max()), float((hidden - data["hidden"]).abs().max()))
+print("fill-mask", [f["token"] for f in fill], tf.__version__, sys.modules[type(mlm).__module__].__file__)
+"""
+
+@pytest.mark.parametrize("name", ["fresh", "with.dot"])
+def test_export_loads_from_a_fresh_folder_outside_the_repository(hf_ckpt, hf_dir, tmp_path, name):
+    # as a user meets it: the export copied elsewhere, loaded from a current directory outside this repository (so
+    # the repository's own model.py cannot be imported by accident) with an empty module cache; a dot in the folder's
+    # name breaks transformers 4.51's package of the relative import, which modeling_amlm.py works around
+    _transformers()
+    folder = tmp_path / "copy" / name
+    shutil.copytree(hf_dir, folder)
+    model, tok = _ours(hf_ckpt)
+    rows = [[CLS] + tok.encode(s) + [SEP] for s in ("The happy dog walked.", "A cat.")]
+    ids = torch.tensor([r + [data.PAD] * (len(rows[0]) - len(r)) for r in rows])
+    mask = (ids != data.PAD).long()
+    hidden = {}
+    model.ln_f.register_forward_hook(lambda m, i, o: hidden.update(h=o))
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask)[0]
+    torch.save({"ids": ids, "mask": mask, "logits": want, "hidden": hidden["h"]}, tmp_path / "want.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    r = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(folder), str(tmp_path / "want.pt")], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    diffs = [float(x) for x in re.search(r"max diff (\S+) (\S+)", r.stdout).groups()]
+    assert max(diffs) <= 1e-4, diffs
+    tokens, version, module = re.search(r"fill-mask (\[.*\]) (\S+) (\S+)", r.stdout).groups()
+    assert len(eval(tokens)) == 3 and str(tmp_path / "modules") in module  # the export's own copy of the code ran
 
 
 def test_export_milestones_names_and_order(hf_ckpt, tmp_path):
