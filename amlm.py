@@ -315,11 +315,13 @@ class AMLM:
         return d
 
     def summary(self, tokens=None):
-        """One line for the training log, e.g.
-        'amlm hard update 2 step 400 acc 0.412 | w by freq rank 1-10 0.031 11-100 0.072 ... | hardest ... | easiest ...'"""
+        """One line for the training log: the curriculum as each frequency-rank bucket's mean weight relative to the
+        mean over all types (above 1x: masked more often than the average type), and the hardest and easiest of the
+        1000 most frequent types. Example: 'amlm hard update 2 step 400 acc 0.412 | masked vs the average type, by
+        frequency rank: 1-10 0.21x 11-100 0.48x 101-1k 1.20x ... | hardest ▁met|... | easiest .|...'"""
         d = self.diagnostics(tokens)
         fit = f"acc {d['acc']:.3f}" if self.metric == "hard" else f"ce {d['ce']:.3f}" if self.metric == "soft" else ""
-        ranks = " ".join(f"{lab} {d['w_rank_' + k]:.3f}" for lab, k in zip(BUCKET_LABELS, BUCKET_KEYS)
+        ranks = " ".join(f"{lab} {d['w_rank_' + k] / self.rate:.2f}x" for lab, k in zip(BUCKET_LABELS, BUCKET_KEYS)
                          if not math.isnan(d["w_rank_" + k]))
-        return (f"amlm {self.metric} update {d['update']} step {d['step']} {fit} | w by freq rank {ranks}"
-                f" | hardest {d['hardest']} | easiest {d['easiest']}")
+        return (f"amlm {self.metric} update {d['update']} step {d['step']} {fit} | masked vs the average type, by "
+                f"frequency rank: {ranks} | hardest {d['hardest']} | easiest {d['easiest']}")

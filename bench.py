@@ -2,9 +2,10 @@
 Benchmarks (not tests) for amlm, a PyTorch reimplementation of Edman & Fraser, "Mask and You Shall
 Receive: Optimizing Masked Language Modeling for Pretraining BabyLMs" (BabyLM 2025).
 
-    python bench.py model [--rounds 7] [--dtypes fp32,bf16]
-        training-step throughput of MaskedLM: fast.py on and off, N-hot on and off, and Hugging Face's
-        BertForMaskedLM of the same shape when transformers is installed (a benchmark-only peer)
+    python bench.py model [--rounds 7] [--dtypes fp32,bf16] [--compile]
+        training-step throughput of fast.py's FastMaskedLM and model.py's MaskedLM (with --compile also the plain
+        model under torch.compile), N-hot on and off, and Hugging Face's BertForMaskedLM of the same shape when
+        transformers is installed (a benchmark-only peer)
     python bench.py pieces [--repeat 20]
         each speed piece of fast.py against its plain twin, forward + backward, at the model benchmark's shape
     python bench.py data --corpus babylm_10M --vocab-size 16384 [--data-dir /tmp/bench_data]
@@ -58,18 +59,24 @@ def runner(model, loss_fn, bf16):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return B * T * k / (time.perf_counter() - t)
-    run(2)
+    run(4)  # every batch once: torch.compile sees all four target counts before the timing
     return run
 
 def bench_model(a):
     contenders = {"ours (fast)": ours, "ours (plain, --no-fast)": lambda: ours(fast=False),
                   "ours (fast) + N-hot": lambda: ours(nhot=True)}
+    if a.compile:  # what train.py --compile runs: the plain model, compiled (the first steps compile it)
+        def compiled():
+            m, loss = ours(fast=False)
+            return m, torch.compile(loss)
+        contenders["ours (plain + compile)"] = compiled
     try:
         import transformers  # noqa: F401
         contenders["HF BertForMaskedLM"] = bert
     except ImportError:
         print("transformers is not installed: BertForMaskedLM not measured (pip install transformers)")
     ratios = [("ours (fast)", "ours (plain, --no-fast)", "fast.py speed-up"),
+              ("ours (fast)", "ours (plain + compile)", "fast / plain + compile"),
               ("ours (fast)", "HF BertForMaskedLM", "ours / BertForMaskedLM"),
               ("ours (fast)", "ours (fast) + N-hot", "N-hot cost (slow-down)")]
     for dtype in a.dtypes.split(","):
@@ -168,6 +175,7 @@ if __name__ == "__main__":
     m.add_argument("--rounds", type=int, default=7)
     m.add_argument("--steps", type=int, default=6, help="timed steps per round")
     m.add_argument("--dtypes", default="fp32,bf16")
+    m.add_argument("--compile", action="store_true", help="also time the plain model under torch.compile")
     pc = sub.add_parser("pieces", help="fast.py's pieces against their plain twins")
     pc.add_argument("--repeat", type=int, default=20)
     d = sub.add_parser("data", help="tokenizer and cache build")

@@ -33,10 +33,8 @@ DOWNLOADS = {"babylm_10M": ("https://osf.io/download/5mk3x/", "dc67e5d2db96ed4f7
 KNOWN = ["babylm_10M", "babylm_100M", "synthetic"]
 CHECK_BYTES = 256 << 20  # bytes hashed per cache file, larger files sampled: blake2b reads 330-700 MB/s here
 
-
 class CacheError(DataError):
     """A token cache that fails its check (missing, truncated or altered file): rebuilt, never loaded."""
-
 
 # ----------------------------------------------------------------------------- corpus
 
@@ -49,10 +47,8 @@ def find_files(path):
     return sorted(p for p in path.rglob("*") if p.suffix in (".train", ".txt") and p.is_file()
                   and not any(s.startswith((".", "__MACOSX")) for s in p.relative_to(path).parts))
 
-
 def _urlopen(url):
     return urllib.request.urlopen(url, timeout=60)  # a dead network fails instead of hanging forever
-
 
 def download(url, dest, md5=None, opener=_urlopen, quiet=False):
     """Download url to dest via dest.part (renamed only when complete); an md5 mismatch is a loud warning."""
@@ -69,7 +65,6 @@ def download(url, dest, md5=None, opener=_urlopen, quiet=False):
     if md5 and h.hexdigest() != md5:
         print(f"WARNING: {dest.name} has md5 {h.hexdigest()}, expected {md5}; using it anyway", file=sys.stderr)
     os.replace(part, dest)
-
 
 def safe_extract(zip_path, target):
     """Extract a zip into target via a temporary folder, refusing members that would land outside it
@@ -89,7 +84,6 @@ def safe_extract(zip_path, target):
         raise DataError(f"{zip_path} is not a valid zip file") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
 
 def synthetic_text(n_sentences=40_000, seed=0):
     """A deterministic English-like corpus from a tiny grammar with regular morphology (walk/walked/walks/
@@ -121,7 +115,6 @@ def synthetic_text(n_sentences=40_000, seed=0):
         lambda: f"{c(names)} said that the {c(ity)} of the {c(nouns)} {past[c(verbs)]} everyone.",
     ]
     return "\n".join(s[0].upper() + s[1:] for s in (c(templates)() for _ in range(n_sentences))) + "\n"
-
 
 def resolve_corpus(corpus, data_dir="data", quiet=False, opener=_urlopen):
     """Turn --corpus into a list of text files: a path, `synthetic` (written to <data_dir>/synthetic/),
@@ -164,7 +157,6 @@ def resolve_corpus(corpus, data_dir="data", quiet=False, opener=_urlopen):
                         (f" ({zips[0].name} is a zip archive: unzip it there first)" if zips else ""))
     return files
 
-
 def read_text(file):
     """A corpus file's text, checked to be text: DataError naming the file and the byte offset of the first NUL byte
     or the first byte that is not valid UTF-8 (a binary file, a zip given as a corpus, a Latin-1 text).
@@ -179,7 +171,6 @@ def read_text(file):
     if nul >= 0:
         raise DataError(f"{file} is not a text file: byte {nul} is a NUL byte")
     return text
-
 
 def read_lines(files):
     """Normalised non-empty lines, split into (train, val, n_train_words); every VAL_EVERY-th line is held out.
@@ -197,7 +188,6 @@ def read_lines(files):
                 k += 1
     return train, val, n_words
 
-
 # ----------------------------------------------------------------------------- cache + prepare
 
 @dataclass
@@ -214,13 +204,11 @@ class Data:
     cache_dir: Path
     info: dict
 
-
 def cache_key(files, vocab_size):
     """Hash of everything the cached arrays depend on: files (name, size, mtime) and tokenizer settings."""
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return hashlib.sha256(json.dumps([stats, vocab_size, PAT.pattern, MAX_PRETOKEN, TOKENIZER_VERSION, CACHE_VERSION,
                                       MIN_CHAR_COUNT, VAL_EVERY]).encode()).hexdigest()[:16]
-
 
 def checksum(x, limit=CHECK_BYTES):
     """blake2b (128 bits, hex) of the bytes of an array or a bytes object; one over `limit` bytes is hashed
@@ -235,7 +223,6 @@ def checksum(x, limit=CHECK_BYTES):
         for i in range(256):
             h.update(b[i * stride:i * stride + size])
     return h.hexdigest()
-
 
 def load_cache(cache):
     """(tokenizer, train, val, meta) of a cache folder, each file checked against meta.json's lengths and
@@ -271,7 +258,6 @@ def load_cache(cache):
         raise CacheError(f"tokenizer.json: {e}") from None
     return tok, arrays["train.npy"], arrays["val.npy"], meta
 
-
 def _discard(cache):
     """Move a failed cache out of the way at once (one rename), then delete it."""
     trash = cache.with_name(f"{cache.name}.bad{os.getpid()}")
@@ -280,7 +266,6 @@ def _discard(cache):
     except OSError:
         pass  # another process moved it first
     shutil.rmtree(trash, ignore_errors=True)
-
 
 def _build_cache(files, vocab_size, cache, quiet):
     train, val, n_words = read_lines(files)
@@ -310,7 +295,6 @@ def _build_cache(files, vocab_size, cache, quiet):
             os.replace(tmp, cache)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
 
 def prepare(corpus, data_dir="data", vocab_size=16384, quiet=False):
     """Resolve the corpus, train the tokenizer and tokenize once (cached under <data_dir>/cache/<key>/),
@@ -351,7 +335,6 @@ def prepare(corpus, data_dir="data", vocab_size=16384, quiet=False):
     info.update(corpus=str(corpus), vocab_size=tok.vocab_size, units=len(units), cache_hit=hit,
                 seconds=round(time.time() - t0, 2), cache=str(cache))
     return Data(tok, train, val, table, units, info["words"], len(train), key, cache, info)
-
 
 # ----------------------------------------------------------------------------- packing
 
@@ -399,7 +382,6 @@ class Batches:
             raise DataError(f"batch state is for {d['n_blocks']} blocks of {d['block_size']}, "
                             f"but this data has {self.n_blocks} blocks of {self.block_size}")
         self.seed, self.epoch, self.pos = int(d["seed"]), int(d["epoch"]), int(d["pos"])
-
 
 # ----------------------------------------------------------------------------- CLI
 

@@ -49,7 +49,8 @@ def native_bf16(device):
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private torch API: absent -> no
-    return device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in probes)
+    kernels = torch.backends.cpu.get_cpu_capability()  # what the kernels use: ATEN_CPU_CAPABILITY=avx2 limits it
+    return device.type == "cpu" and kernels.startswith(("AVX512", "AMX")) and any(getattr(torch.cpu, f, lambda: False)() for f in probes)
 
 def pick_dtype(device, precision="auto"):
     """"auto" -> "bf16" where bf16 is native (autocast), else "fp32". Example: (cpu without AMX, "auto") -> "fp32"."""

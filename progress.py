@@ -53,7 +53,7 @@ class Progress:
         trend = "constant" if start == end else "decaying" if start > end else "rising"
         self.log(f"masking: {args.masking}, rate {start:.2f} -> {end:.2f} ({trend})" + (
             f", weights updated every {args.amlm_update_every} steps" if args.masking != "uniform" else ""))
-        if args.masking != "uniform" and total // args.amlm_update_every < 3:
+        if args.masking != "uniform" and 0 < total and total // args.amlm_update_every < 3:
             self.log(f"note: {total} steps with --amlm-update-every {args.amlm_update_every} update the masking weights "
                      f"{total // args.amlm_update_every} time(s): the curriculum has little room to move")
 
@@ -168,7 +168,9 @@ def seconds_per_token(model, seq_lens, tokens, device, autocast, rate):
         for T in sorted(set(seq_lens)):
             for rows in (1, max(1, tokens // T)):  # the first pass warms up; the second is timed
                 x = torch.randint(data.MASK + 1, V, (rows, T), generator=g)
-                labels = torch.where(torch.rand(rows, T, generator=g) < rate, x, -100)
+                selected = torch.rand(rows, T, generator=g) < rate
+                selected[:, 0] = True  # at least one target a row, whatever the rate and length
+                labels = torch.where(selected, x, -100)
                 x, labels = torch.where(labels != -100, data.MASK, x).to(device), labels.to(device)
                 t0 = time.perf_counter()
                 with autocast:

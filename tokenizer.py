@@ -38,10 +38,8 @@ PAT_LINES = re.compile(PAT.pattern + r"|\n")  # corpus encoding: "\n" between li
 MAX_PRETOKEN = 64  # longer pre-tokens are cut into 64-character chunks before BPE: one pathological line
                    # (a 5 MB word) would otherwise make every merge rescan it
 
-
 class DataError(Exception):
     """A user mistake (bad path, bad size, corrupt file); the message is one clear sentence."""
-
 
 # -----------------------------------------------------------------------------
 # pre-tokenization: text -> words, numbers and punctuation runs, each marked where a word starts
@@ -50,12 +48,10 @@ def pre_tokenize(text):
     """Example: "I walked, (walked) 42x" -> ["▁I", "▁walked", ",", "▁(", "walked", ")", "▁42", "x"]."""
     return PAT.findall("▁" + "▁".join(text.replace("▁", " ").split())) if text else []
 
-
 def chunks(word):
     """A pre-token cut into pieces of at most MAX_PRETOKEN characters. Example (cap 4): "▁abcdefghi" ->
     ["▁abc", "defg", "hi"]."""
     return [word[i:i + MAX_PRETOKEN] for i in range(0, len(word), MAX_PRETOKEN)] if word else []
-
 
 # -----------------------------------------------------------------------------
 # BPE training: the plain way, then the same merges fast
@@ -72,7 +68,6 @@ def merge(ids, pair, new):
             out.append(ids[i])
             i += 1
     return out
-
 
 def learn_merges_simply(words, freqs, n_merges, next_id):
     """BPE training, the plain way (what learn_merges computes, much faster): count every adjacent pair
@@ -91,7 +86,6 @@ def learn_merges_simply(words, freqs, n_merges, next_id):
         merges.append(pair)
         words = [merge(w, pair, new) for w in words]
     return merges
-
 
 def learn_merges(words, freqs, n_merges, next_id, quiet=True):
     """learn_merges_simply, fast: the pair counts are kept up to date instead of recounted, and each merge
@@ -138,7 +132,6 @@ def learn_merges(words, freqs, n_merges, next_id, quiet=True):
             heapq.heappush(heap, (-counts[p], p))
     return merges
 
-
 # -----------------------------------------------------------------------------
 # N-hot sub-token units: a token's character 1-3-grams
 
@@ -151,7 +144,6 @@ def subtoken_units(token, n=3):
     units = dict.fromkeys(s[i:i + k] for k in range(1, n + 1) for i in range(len(s) - k + 1))
     units.pop(">", None)
     return list(units)
-
 
 # -----------------------------------------------------------------------------
 # the tokenizer
@@ -181,7 +173,6 @@ def _tokenizer_json_problem(s):
         return f"vocab_size {d.get('vocab_size')!r} does not match the alphabet and merges"
     return None
 
-
 class _WordCache(dict):
     """pre-token -> tuple of ids, computed on first use (the per-word encode cache)."""
     def __init__(self, fn):
@@ -191,7 +182,6 @@ class _WordCache(dict):
     def __missing__(self, word):
         ids = self[word] = tuple(self.fn(word))
         return ids
-
 
 class Tokenizer:
     """Character BPE with byte fallback (see the module docstring). Build with Tokenizer.train or load."""

@@ -106,7 +106,7 @@ def get_parser():
       help="auto = bf16 where it is native: AMX or AVX512-BF16 CPUs, bf16 GPUs (default: %(default)s)")
     a("--fast", action=argparse.BooleanOptionalAction, default=None, help="fast.py's FastMaskedLM; --no-fast: model.py's "
                                                                        "MaskedLM, the same maths (default: on, off with --compile)")
-    a("--compile", action="store_true", help="torch.compile the plain model (default: off)")
+    a("--compile", action="store_true", help="torch.compile the plain model, on CUDA only (default: off)")
     a("--resume", default=None, metavar="RUN_DIR",
       help="continue the run in RUN_DIR from its latest.pt, with its settings (see below) (default: a new run)")
     a("--eval-every", type=non_negative(int), default=500,
@@ -154,6 +154,8 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     args.dtype = pick_dtype(torch.device(args.device), args.dtype)
+    if args.compile and args.device == "cpu":
+        p.error("--compile is for CUDA: on a CPU the compiled plain model trains slower than fast.py (docs/performance.md)")
     if args.eval_blimp:  # read now: a typo must not surface at the first milestone, minutes into training
         import evaluate
         if problem := evaluate.task_path_problem(args.eval_blimp):
