@@ -316,7 +316,7 @@ class AMLM:
 
     def summary(self, tokens=None):
         """One line for the training log: the curriculum as each frequency-rank bucket's mean weight relative to the
-        mean over all types (above 1x: masked more often than the average type), and the hardest and easiest of the
+        mean over the maskable types (above 1x: masked more often than the average type), and the hardest and easiest of the
         1000 most frequent types. Example: 'amlm hard update 2 step 400 acc 0.412 | masked vs the average type, by
         frequency rank: 1-10 0.21x 11-100 0.48x 101-1k 1.20x ... | hardest ▁met|... | easiest .|...'"""
         d = self.diagnostics(tokens)

@@ -47,7 +47,7 @@ def bert():
     return m, lambda inp, lab: m(input_ids=inp, labels=lab).loss
 
 def runner(model, loss_fn, bf16):
-    """A function k -> tokens per second over k training steps (after two warm-up steps)."""
+    """A function k -> tokens per second over k training steps (after four warm-up steps, one per batch)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = [masked_batch(torch.Generator().manual_seed(i)) for i in range(4)]
     def run(k):

@@ -16,7 +16,7 @@ The run folder: one train.py per folder, a lock file (train.lock, holding pid@ho
 whose process is gone from this host is taken over with a warning. A new run refuses a folder that holds one:
 --resume continues it, --overwrite deletes the files train.py wrote there first.
 """
-import argparse, functools, hashlib, json, math, os, re, shutil, socket, sys
+import argparse, errno, functools, hashlib, json, math, os, re, shutil, socket, sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -84,20 +84,32 @@ def load_model(path, device="cpu", model_class=MaskedLM):
 # -----------------------------------------------------------------------------
 # writing: atomic, so a crash or a full disk never leaves half a file where a later run would trust it
 
-def save_atomic(obj, path):
-    """torch.save through a temporary file renamed into place; CheckpointError (the old file intact, the temporary
-    one removed) if it cannot be written. torch.save reports a full disk as a RuntimeError, not an OSError."""
+def atomic_write(path, write):
+    """write(tmp) to a temporary name beside path, then rename it into place: a crash or a full disk leaves the old
+    file (or none) at path, never half a file, and the temporary file is removed whatever happens.
+    Example: atomic_write("out/run/summary.json", lambda tmp: open(tmp, "w").write("{}")) -> summary.json is "{}"."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 1 << 20  # before freeing tmp's bytes
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        why = "no space left on device" if full else e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]
-        raise CheckpointError(f"cannot write {path} ({why}); the previous {os.path.basename(path)} there, if any, "
-                              "is intact") from None
+
+def save_atomic(obj, path):
+    """torch.save through atomic_write; CheckpointError in one sentence if it cannot be written (the old file intact).
+    Example: a full disk -> CheckpointError("cannot write out/run/latest.pt (No space left on device); ...")"""
+    def write(tmp):
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch.save reports a failed write, a full disk among them, as a RuntimeError
+            full = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free < 1 << 20  # before tmp is removed
+            raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else str(e).splitlines()[0])
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}); the previous {os.path.basename(path)} there, if "
+                              "any, is intact") from None
 
 def write_json(obj, path):
     """Atomic, and standard JSON: NaN and infinity are written as null. OSError (the temporary file removed) if it
@@ -105,14 +117,10 @@ def write_json(obj, path):
     clean = lambda v: (None if isinstance(v, float) and not math.isfinite(v) else
                        {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else
                        [clean(x) for x in v] if isinstance(v, (list, tuple)) else v)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    def write(tmp):
         with open(tmp, "w") as f:
             json.dump(clean(obj), f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
 
 def save_checkpoint(out, step, words, args, model, opt, amlm, batches, gen, tokenizer, milestone=None, rank=0):
     """latest.pt: everything an exact resume needs. With a milestone (words), also ckpt_<N>M.pt: what evaluation
@@ -163,7 +171,6 @@ def resumed_args(get_parser, argv, args, saved, may_change):
     Example: saved lr 0.001, typed --lr 0.5 -> error "... --lr 0.5 (the run has 0.001) ..." """
     p, q, unset = get_parser(), get_parser(), object()
     q.set_defaults(**dict.fromkeys(vars(args), unset))  # the same flags with a default no flag gives: what remains was typed
-    q.set_defaults(**dict.fromkeys(vars(args), unset))
     typed = {k: v for k, v in vars(q.parse_args(argv)).items() if v is not unset}
     run = {**{k: p.get_default(k) for k in vars(args)}, **saved, "out": args.resume}  # defaults: flags added since
     same = lambda k, v: os.path.realpath(v) == os.path.realpath(args.resume) if k == "out" else v == run.get(k)
@@ -172,9 +179,7 @@ def resumed_args(get_parser, argv, args, saved, may_change):
         p.error("--resume keeps the saved run's settings, but " + ", ".join(
             f"--{k.replace('_', '-')} {typed[k]} (the run has {run.get(k)})" for k in clash) + " differ")
     changed = {k: v for k, v in typed.items() if k in may_change}
-    fast = {"fast": None} if "compile" in changed and "fast" not in changed else {}  # --compile alone picks the plain model
-    return argparse.Namespace(**{**run, **fast, **changed, "stop_after": args.stop_after, "resume": args.resume,
-                                 "overwrite": False})
+    return argparse.Namespace(**{**run, **changed, "stop_after": args.stop_after, "resume": args.resume, "overwrite": False})
 
 def restore(resume, tokenizer, model, opt, amlm, batches, gen, rank=0, world=1):
     """Load a load_resume() checkpoint into the run's objects and RNGs; returns its step. Each process gets its own
@@ -289,20 +294,39 @@ def release_run():
             pass  # not ours any more, or the folder holds files: keep it
 
 def releases_run(main):
-    """main, with the run folder released however it ends: a return, sys.exit, an exception, or Ctrl-C before
-    the training loop (which handles Ctrl-C itself); that one exits 130 with one line. A checkpoint or log that
-    cannot be written (a full disk) ends the run with one sentence too."""
+    """main, ended the same way however it ends: a return, sys.exit, Ctrl-C before the training loop (which handles
+    Ctrl-C itself; this one exits 130 with one line), a checkpoint or log that cannot be written (a full disk: one
+    sentence). The run folder is released. Under torchrun the process then destroys its process group and leaves
+    with os._exit: a gloo worker thread can still hold the last reference to a tensor of the last collective, and if
+    it drops it while the interpreter shuts down it cannot take the GIL and the process aborts (C++ terminate); DDP
+    keeps the group, and so those threads, alive until then. Example: a full disk -> exit 1, "error: ... (No space
+    left on device)"."""
     @functools.wraps(main)
     def wrapped(argv=None):
+        code, finished = 0, False
         try:
-            return main(argv)
+            code = main(argv) or 0
+            finished = True
         except KeyboardInterrupt:
-            print("interrupted before training started; nothing was saved", file=sys.stderr)
-            sys.exit(130)
+            code = "interrupted before training started; nothing was saved"
+            print(code, file=sys.stderr)
+            code = 130
         except CheckpointError as e:
-            sys.exit(f"error: {e}")
+            code = f"error: {e}"
         except OSError as e:  # log.txt, amlm.csv or summary.json on a full disk
-            sys.exit(f"error: cannot write {e.filename or 'to the run folder'} ({e.strerror or e})")
+            code = f"error: {e.strerror or e}: {e.filename or 'the run folder'}"
+        except SystemExit as e:
+            code = e.code
         finally:
             release_run()
+        if dist.is_initialized():
+            if finished:
+                dist.barrier()  # every process got to the end, and rank 0 may still be writing a checkpoint
+            dist.destroy_process_group()
+            if isinstance(code, str):
+                print(code, file=sys.stderr)
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
+        if code:
+            sys.exit(code)
     return wrapped

@@ -161,7 +161,10 @@ def read_text(file):
     """A corpus file's text, checked to be text: DataError naming the file and the byte offset of the first NUL byte
     or the first byte that is not valid UTF-8 (a binary file, a zip given as a corpus, a Latin-1 text).
     Example: a file b"caf\xe9" -> DataError("x.txt is not UTF-8 text: byte 3 is 0xE9 ...")."""
-    raw = Path(file).read_bytes()
+    try:
+        raw = Path(file).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {file} ({e.strerror or e})") from None
     nul = raw.find(b"\0")
     try:
         text = raw[:nul if nul >= 0 else len(raw)].decode("utf-8")

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import release_run
 
 
 def init(args):
@@ -80,14 +79,3 @@ def agree(loss, interrupted, device):
     if t[1] > 0 and not interrupted:
         interrupted.append(True)
     return t[0].item()
-
-def leave(code):
-    """End a torchrun process: destroy the process group and exit with `code`, skipping the interpreter's shutdown.
-    A gloo worker thread can still hold the last reference to a tensor of the last collective; if it drops it while
-    the interpreter shuts down, it cannot take the GIL and the process aborts (C++ terminate). DDP keeps the group,
-    and so those threads, alive until then, so the process leaves with os._exit, after flushing and unlocking."""
-    dist.barrier()  # rank 0 may still be writing a checkpoint
-    dist.destroy_process_group()
-    release_run()
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)

@@ -6,12 +6,13 @@ Paper: Edman & Fraser, "Mask and You Shall Receive: Optimizing Masked Language M
 Pretraining BabyLMs" (BabyLM Challenge 2025). Nothing here changes the maths or the weights: a FastMaskedLM
 has MaskedLM's parameters, buffers and state_dict, and test_amlm.py checks each piece, and the whole model,
 against its plain twin. model.py never imports this file; train.py and evaluate.py pick the class (--fast,
-the default, or --no-fast), the way nanochat's fp8 training leaves its gpt.py untouched.
+the default, or --no-fast; train.py's --compile compiles the plain one), the way nanochat's fp8 training leaves
+its gpt.py untouched.
 
     model = FastMaskedLM(ModelConfig(...), nhot_table=table)   # what train.py and evaluate.py use
     plain = MaskedLM(model.config); plain.load_state_dict(model.state_dict())   # the same model, plain path
 
-What each piece saves (README, "Performance notes"): on a CPU a training step is bound by memory
+What each piece saves (docs/performance.md): on a CPU a training step is bound by memory
 traffic as much as by matmuls, so most of these avoid building or copying whole tensors:
   - RotaryQKV: RoPE fused with splitting q, k, v out of one projection (no zero-filled slice gradients)
   - dropout_mask / DropoutAdd: dropout masks from 16 bits of an int64 draw each, and the residual add
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from model import MaskedLM, attention
 
 # -----------------------------------------------------------------------------
-# where the model runs: device and precision, for train.py, evaluate.py and bench.py
+# where the model runs: device and precision, for train.py and evaluate.py
 
 def pick_device(name="auto"):
     """"auto" -> cuda if there is a GPU, else cpu; other names are checked. Example: "cpu" -> device(type='cpu')."""
@@ -50,7 +51,7 @@ def native_bf16(device):
         return torch.cuda.is_bf16_supported()
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private torch API: absent -> no
     kernels = torch.backends.cpu.get_cpu_capability()  # what the kernels use: ATEN_CPU_CAPABILITY=avx2 limits it
-    return device.type == "cpu" and kernels.startswith(("AVX512", "AMX")) and any(getattr(torch.cpu, f, lambda: False)() for f in probes)
+    return kernels.startswith(("AVX512", "AMX")) and any(getattr(torch.cpu, f, lambda: False)() for f in probes)
 
 def pick_dtype(device, precision="auto"):
     """"auto" -> "bf16" where bf16 is native (autocast), else "fp32". Example: (cpu without AMX, "auto") -> "fp32"."""

@@ -14,7 +14,7 @@ model and rare words share what they have in common with frequent ones.
 
 This file is the plain model, library ops only, and it runs exactly what you read. fast.py builds a faster
 twin on it (FastMaskedLM: the same maths through hand-written pieces, the same state_dict); train.py and
-evaluate.py use that one unless given --no-fast.
+evaluate.py use that one unless given --no-fast (or, in train.py, --compile, which compiles this one).
 
 Positions are rotary (RoPE): the training recipe switches from 64- to 256-token sequences
 mid-run, and a rotation that depends only on relative distance has no learned table whose

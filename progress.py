@@ -21,9 +21,8 @@ from fast import FastMaskedLM
 from model import SIZES, MaskedLM, ModelConfig
 
 LOG_EVERY_SECONDS = 300  # a speed line at least this often, so a piped log says something on a slow device
-CPU_SIZED = ("--size tiny --vocab-size 16384 --batch-tokens 8192 --max-steps 2450 --amlm-update-every 100 "
-             "--eval-every 350")  # the recipe of docs/results.md: 20 M tokens, 12.8 M words
-CPU_SIZED_STEPS, CPU_SIZED_TOKENS = 2450, 8192
+CPU_SIZED = dict(size="tiny", vocab_size=16384, batch_tokens=8192, max_steps=2450, amlm_update_every=100, eval_every=350)
+# the recipe of docs/results.md's rounds 2 and 3: 20 M tokens, 12.8 M words
 
 
 class Progress:
@@ -99,7 +98,8 @@ class Progress:
 
 def catch_ctrl_c(out, rank=0):
     """From now on, Ctrl-C (and SIGTERM from torchrun or a scheduler) appends to the returned list, which the loop
-    checks after each step: the run then saves and exits. Said at once; a second Ctrl-C says the step still runs."""
+    checks after each step: the run then saves and exits. Said at once; a second Ctrl-C says the step still runs.
+    Example: Ctrl-C -> "stopping: the step in progress ends, then out/run/latest.pt is saved ..." and the list is [True]."""
     interrupted = []
     def handler(*_):
         if rank == 0:
@@ -112,7 +112,8 @@ def catch_ctrl_c(out, rank=0):
     return interrupted
 
 def append_csv(path, row):
-    """One row of amlm.csv (the header first, when the file is new)."""
+    """One row of amlm.csv (the header first, when the file is new). Example: {"step": 200, "w_rank_1_10": 0.08, ...}
+    -> "step,w_rank_1_10,...\n200,0.08,..." in a new file, one more line in an old one."""
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
@@ -121,16 +122,19 @@ def append_csv(path, row):
         w.writerow(row)
 
 def summary(step, total, words, losses, progress, start, args, model):
+    """summary.json: where the run is, its losses, speed, memory, model and flags.
+    Example: -> {"steps": 400, "total_steps": 400, "tokens_seen": 3276800, "val_loss": 4.525, "tokens_per_second": 5322.4, ...}"""
     return {"steps": step, "total_steps": total, "tokens_seen": step * args.batch_tokens, "words_seen": words,
             **losses, "tokens_per_second": progress.tokens_per_second(), "wall_seconds": time.time() - start,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "device": args.device,
             "processes": dist.get_world_size() if dist.is_initialized() else 1,
             "dtype": args.dtype, "parameters": model.num_params(), "parameters_without_embeddings": model.num_params(False),
-            "model_config": asdict(model.config), "config": {k: v for k, v in vars(args).items()}}
+            "model_config": asdict(model.config), "config": dict(vars(args))}
 
 @torch.no_grad()
 def evaluate_loss(model, val, amlm15, args, autocast):
-    """Mean MLM loss on the held-out split at fixed uniform 15 % masking and a fixed seed (comparable across runs)."""
+    """Mean MLM loss on the held-out split at fixed uniform 15 % masking and a fixed seed (comparable across runs).
+    Example: an untrained tiny model on babylm_10M -> 9.58 (about ln 16384); after 400 steps -> 4.53."""
     T = max(args.seq_lens)
     n = min(len(val) // T, max(1, args.eval_tokens // T))
     if n == 0:
@@ -161,24 +165,24 @@ def duration(seconds):
 
 def seconds_per_token(model, seq_lens, tokens, device, autocast, rate):
     """{T: seconds of one forward + backward pass per token at sequence length T}, timed on `tokens` tokens of random
-    ids with a fraction `rate` of them masked, after a warm-up pass. The model's gradients are cleared and the RNGs
-    left as they were, so a run with this probe trains exactly as one without it."""
+    ids with a fraction `rate` of them masked, after a warm-up pass; the model's gradients are cleared after (its
+    dropout draws come from the global RNG: estimate_lines restores it). Example: the tiny shape on 2 CPU cores,
+    [64, 256], 2,048 tokens -> {64: 1.6e-4, 256: 2.1e-4}."""
     g, V, out = torch.Generator().manual_seed(0), model.config.vocab_size, {}
-    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
-        for T in sorted(set(seq_lens)):
-            for rows in (1, max(1, tokens // T)):  # the first pass warms up; the second is timed
-                x = torch.randint(data.MASK + 1, V, (rows, T), generator=g)
-                selected = torch.rand(rows, T, generator=g) < rate
-                selected[:, 0] = True  # at least one target a row, whatever the rate and length
-                labels = torch.where(selected, x, -100)
-                x, labels = torch.where(labels != -100, data.MASK, x).to(device), labels.to(device)
-                t0 = time.perf_counter()
-                with autocast:
-                    _, loss = model(x, labels=labels)
-                loss.backward()
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize()
-                out[T] = (time.perf_counter() - t0) / (rows * T)
+    for T in sorted(set(seq_lens)):
+        for rows in (1, max(1, tokens // T)):  # the first pass warms up; the second is timed
+            x = torch.randint(data.MASK + 1, V, (rows, T), generator=g)
+            selected = torch.rand(rows, T, generator=g) < rate
+            selected[:, 0] = True  # at least one target a row, whatever the rate and length
+            labels = torch.where(selected, x, -100)
+            x, labels = torch.where(labels != -100, data.MASK, x).to(device), labels.to(device)
+            t0 = time.perf_counter()
+            with autocast:
+                _, loss = model(x, labels=labels)
+            loss.backward()
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            out[T] = (time.perf_counter() - t0) / (rows * T)
     model.zero_grad(set_to_none=True)
     return out
 
@@ -191,24 +195,29 @@ def run_seconds(spt, lengths, step_tokens, n_evals=0, eval_tokens=0):
 def estimate_lines(model, args, step, total, autocast, schedule, world=1, val_tokens=0):
     """Before the first step: how long the rest of the run will take on this device, from seconds_per_token on a
     probe of this process's share of a step (at most 2,048 tokens on a CPU); schedule(step, total, seq_lens) gives a
-    step's sequence length. On a CPU and over 12 hours, a second line names a run sized for it, with its estimate."""
-    device = torch.device(args.device)
-    share = args.batch_tokens // world // args.grad_accum
-    probe = share if device.type == "cuda" else min(share, 2048)
-    rate = (args.mask_rate_start + args.mask_rate_end) / 2
-    spt = seconds_per_token(model, args.seq_lens, probe, device, autocast, rate)
-    evals = min(val_tokens, args.eval_tokens)
-    n_evals = (len(range(args.eval_every, total, args.eval_every)) if args.eval_every else 0) + 1
-    lengths = [schedule(s, total, args.seq_lens) for s in range(step, total)]
-    secs = run_seconds(spt, lengths, args.batch_tokens // world, n_evals, evals)
-    lines = [f"estimate: {total - step:,} steps of {args.batch_tokens:,} tokens on {args.device} ({args.dtype}) take "
-             f"about {duration(secs)} (from a timed forward and backward pass of {probe:,} tokens per sequence length)"]
-    if device.type == "cpu" and secs > 12 * 3600:
-        cfg = ModelConfig(vocab_size=16384, max_len=max(args.seq_lens), **SIZES["tiny"])
-        tiny = (FastMaskedLM if args.fast else MaskedLM)(cfg).to(device)
-        spt = seconds_per_token(tiny, [64, 256], 2048, device, autocast, rate)
-        lengths = [schedule(s, CPU_SIZED_STEPS, [64, 256]) for s in range(CPU_SIZED_STEPS)]
-        small = run_seconds(spt, lengths, CPU_SIZED_TOKENS, CPU_SIZED_STEPS // 350 + 1, evals)
-        lines.append(f"note: this is a GPU-sized run. Sized for this CPU, the tiny shape on 20 M tokens "
-                     f"(docs/results.md) takes about {duration(small)}: python train.py --corpus {args.corpus} {CPU_SIZED}")
+    step's sequence length. On a CPU and over 12 hours, a second line names a run sized for it, with its estimate.
+    Example: -> ["estimate: 400 steps of 8,192 tokens on cpu (fp32) take about 11.7 min (from ...)"]"""
+    cuda = [torch.cuda.current_device()] if args.device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=cuda):  # the probes draw dropout masks and a model's weights: the run's RNG stays
+        device = torch.device(args.device)
+        share = args.batch_tokens // world // args.grad_accum
+        probe = share if device.type == "cuda" else min(share, 2048)
+        rate = (args.mask_rate_start + args.mask_rate_end) / 2
+        spt = seconds_per_token(model, args.seq_lens, probe, device, autocast, rate)
+        evals = min(val_tokens, args.eval_tokens)
+        e = args.eval_every
+        n_evals = (len(range((step // e + 1) * e, total, e)) if e else 0) + 1  # those still to come, and the final one
+        lengths = [schedule(s, total, args.seq_lens) for s in range(step, total)]
+        secs = run_seconds(spt, lengths, args.batch_tokens // world, n_evals, evals)
+        lines = [f"estimate: {total - step:,} steps of {args.batch_tokens:,} tokens on {args.device} ({args.dtype}) take "
+                 f"about {duration(secs)} (from a timed forward and backward pass of {probe:,} tokens per sequence length)"]
+        if device.type == "cpu" and secs > 12 * 3600:
+            c = CPU_SIZED
+            tiny = (FastMaskedLM if args.fast else MaskedLM)(ModelConfig(vocab_size=c["vocab_size"], **SIZES[c["size"]])).to(device)
+            spt = seconds_per_token(tiny, [64, 256], 2048, device, autocast, rate)
+            lengths = [schedule(s, c["max_steps"], [64, 256]) for s in range(c["max_steps"])]
+            small = run_seconds(spt, lengths, c["batch_tokens"], c["max_steps"] // c["eval_every"] + 1, evals)
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in c.items())
+            lines.append(f"note: this is a GPU-sized run. Sized for this CPU, the tiny shape on 20 M tokens "
+                         f"(docs/results.md) takes about {duration(small)}: python train.py --corpus {args.corpus} {flags}")
     return lines

@@ -106,7 +106,8 @@ def get_parser():
       help="auto = bf16 where it is native: AMX or AVX512-BF16 CPUs, bf16 GPUs (default: %(default)s)")
     a("--fast", action=argparse.BooleanOptionalAction, default=None, help="fast.py's FastMaskedLM; --no-fast: model.py's "
                                                                        "MaskedLM, the same maths (default: on, off with --compile)")
-    a("--compile", action="store_true", help="torch.compile the plain model, on CUDA only (default: off)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False,
+      help="torch.compile the plain model, on CUDA only (default: off)")
     a("--resume", default=None, metavar="RUN_DIR",
       help="continue the run in RUN_DIR from its latest.pt, with its settings (see below) (default: a new run)")
     a("--eval-every", type=non_negative(int), default=500,
@@ -127,7 +128,7 @@ def parse_args(argv=None):
         resume = load_resume(args.resume)
         args = resumed_args(get_parser, argv, args, resume["args"], RESUME_MAY_CHANGE)
     if args.compile and args.fast:
-        p.error("--compile compiles the plain model (torch.compile cannot trace fast.py's pieces): drop --fast")
+        p.error("--compile compiles the plain model (torch.compile cannot trace fast.py's pieces): add --no-fast")
     args.fast = not args.compile if args.fast is None else args.fast
     args.batch_tokens = args.batch_tokens or (4096 if args.corpus == "synthetic" else 16384)  # synthetic: smoke tests
     if args.mask_rate is not None:
@@ -155,7 +156,8 @@ def parse_args(argv=None):
         p.error(str(e))
     args.dtype = pick_dtype(torch.device(args.device), args.dtype)
     if args.compile and args.device == "cpu":
-        p.error("--compile is for CUDA: on a CPU the compiled plain model trains slower than fast.py (docs/performance.md)")
+        p.error("--compile is for CUDA: on a CPU the compiled plain model trains slower than fast.py (docs/performance.md); "
+                "add --no-compile")
     if args.eval_blimp:  # read now: a typo must not surface at the first milestone, minutes into training
         import evaluate
         if problem := evaluate.task_path_problem(args.eval_blimp):
@@ -247,6 +249,8 @@ def main(argv=None):
     fmodel = torch.compile(fmodel) if args.compile else fmodel
     save = lambda milestone=None: save_checkpoint(out, step, words_at(step), args, model, opt, amlm, batches, gen,
                                                   d.tokenizer, milestone, rank)
+    write_summary = lambda: rank == 0 and write_json(summary(step, total, words_at(step), losses, progress, start, args,
+                                                             model), f"{out}/summary.json")
     interrupted = catch_ctrl_c(out, rank)  # Ctrl-C, or torchrun/a scheduler stopping us: finish the step, save, exit
     stop = min(total, step + args.stop_after) if args.stop_after is not None else total
     while step < stop and not interrupted:
@@ -282,21 +286,16 @@ def main(argv=None):
             if args.eval_blimp and rank == 0:
                 log(f"step {step}: {progress.blimp_line(model, d.tokenizer, args, milestones[0])}")
             milestones.pop(0)
-            if rank == 0:
-                write_json(summary(step, total, words_at(step), losses, progress, start, args, model), f"{out}/summary.json")
+            write_summary()
     if step == total and not interrupted:
         losses["val_loss"] = evaluate_loss(model, d.val, amlm15, args, autocast)
         log(f"done: {step} steps, train loss {losses['train_loss']:.4f}, validation loss {losses['val_loss']:.4f}")
     save()
-    if rank == 0:
-        write_json(summary(step, total, words_at(step), losses, progress, start, args, model), f"{out}/summary.json")
+    write_summary()
     if interrupted or step < total:
         log(f"{'interrupted' if interrupted else 'paused'} at step {step}; saved {out}/latest.pt (continue with --resume {out})")
     progress.close()
-    if world > 1:
-        ddp.leave(130 if interrupted else 0)
-    if interrupted:
-        sys.exit(130)
+    return 130 if interrupted else 0  # the exit code (releases_run exits with it)
 
 if __name__ == "__main__":
     main()
