@@ -124,7 +124,9 @@ def write_json(obj, path):
 
 def save_checkpoint(out, step, words, args, model, opt, amlm, batches, gen, tokenizer, milestone=None, rank=0):
     """latest.pt: everything an exact resume needs. With a milestone (words), also ckpt_<N>M.pt: what evaluation
-    needs, without the optimizer. Every process calls it (it gathers their RNGs and AMLM statistics); rank 0 writes."""
+    needs, without the optimizer. Every process calls it (it gathers their RNGs and AMLM statistics); rank 0 writes.
+    Example: step 1535, milestone 8_000_000 -> out/latest.pt (model, optimizer, amlm, batches, rng, ...) and
+    out/ckpt_8M.pt (model, config, tokenizer, args, step, tokens_seen, words_seen)."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if gen.device.type == "cuda" else None}
     ranks, amlm_state = [rng], amlm.state_dict()
     if dist.is_initialized():  # each process's dropout RNG, and a digest of its masking weights (all must agree)
@@ -184,7 +186,7 @@ def resumed_args(get_parser, argv, args, saved, may_change):
 def restore(resume, tokenizer, model, opt, amlm, batches, gen, rank=0, world=1):
     """Load a load_resume() checkpoint into the run's objects and RNGs; returns its step. Each process gets its own
     dropout RNG back when the world size is the one saved (else a fresh one: resuming on another world size is not
-    bit-exact)."""
+    bit-exact). Example: a latest.pt saved at step 780 -> 780, and the next step draws the masks it would have."""
     run = resume["path"]
     if resume["config"] != model.config or resume["tokenizer"].to_json() != tokenizer.to_json():
         sys.exit(f"error: {run} was trained with another model shape or tokenizer; refusing to resume")
@@ -244,6 +246,7 @@ def open_run(args, rank=0):
     return out
 
 def lock_owner():
+    """What a lock file holds. Example: "4242@gpu-node-3" """
     return f"{os.getpid()}@{socket.gethostname()}"
 
 def take_lock(path):
@@ -273,6 +276,7 @@ def take_lock(path):
     sys.exit(f"error: {os.path.dirname(path)} is being claimed by another train.py at the same moment")
 
 def alive(pid):
+    """Whether a process with this pid exists on this host. Example: alive(os.getpid()) -> True"""
     try:
         os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
     except ProcessLookupError:
@@ -282,7 +286,8 @@ def alive(pid):
     return True
 
 def release_run():
-    """Remove this process's lock files, and a run folder it made and left empty (a run refused early)."""
+    """Remove this process's lock files, and a run folder it made and left empty (a run refused early).
+    Example: a new run refused for a bad flag after open_run made out/x -> out/x is gone again."""
     while HELD:
         lock, made = HELD.pop()
         try:

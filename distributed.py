@@ -37,13 +37,15 @@ def init(args):
     return rank, world
 
 def wrap(model, world):
-    """DistributedDataParallel around the model on several processes (it averages the gradients), else the model."""
+    """DistributedDataParallel around the model on several processes (it averages the gradients), else the model.
+    Example: wrap(model, 1) -> model; wrap(model, 4) -> DistributedDataParallel(model)."""
     return DistributedDataParallel(model) if world > 1 else model
 
 @contextmanager
 def rank_0_first(rank):
     """Run the block on rank 0 first, then on the others (rank 0 builds the token cache that they then load).
-    A failure in rank 0 ends it before the barrier; the others stop at their next collective."""
+    A failure in rank 0 ends it before the barrier; the others stop at their next collective.
+    Example: with rank_0_first(rank): d = data.prepare(...)   # rank 0 trains the tokenizer, the others load it"""
     if rank != 0:
         dist.barrier()
     yield
@@ -71,7 +73,8 @@ def accumulate(model, amlm, inputs, labels, rank, world, micro, autocast):
 
 def agree(loss, interrupted, device):
     """Under torch.distributed, one all-reduce: the global loss (each process holds its share), and whether any
-    process was interrupted (then all stop after this step). Without it: the loss as a float."""
+    process was interrupted (then all stop after this step). Without it: the loss as a float.
+    Example: shares 1.5 and 1.5, Ctrl-C seen by process 1 only -> 3.0 on both, and both lists now hold True."""
     if not dist.is_initialized():
         return float(loss)
     t = torch.tensor([float(loss), float(bool(interrupted))], dtype=torch.float64, device=device)

@@ -52,6 +52,9 @@ class AmlmConfig(PretrainedConfig):
 
 
 class AmlmPreTrainedModel(PreTrainedModel):
+    """What the three models share: the config class, the prefix of the encoder's weights ("amlm."), the init of new
+    weights. Every model holds model.py's MaskedLM, out_bias included; only AmlmForMaskedLM uses that bias, so a
+    classifier fine-tuned with DDP needs find_unused_parameters (the BabyLM pipeline fine-tunes on one device)."""
     config_class = AmlmConfig
     base_model_prefix = "amlm"
 

@@ -310,6 +310,8 @@ class Tokenizer:
         return torch.from_numpy(table), units
 
     def to_json(self):
+        """The tokenizer as a JSON string: format, version, pattern, vocab_size, alphabet, merges.
+        Example: -> '{"format": "amlm-bpe", "version": 1, "pattern": "▁?(?:...", "vocab_size": 266, ...}'"""
         return json.dumps({"format": "amlm-bpe", "version": TOKENIZER_VERSION, "pattern": PAT.pattern,
                            "vocab_size": self.vocab_size, "alphabet": self.alphabet, "merges": self.merges},
                           ensure_ascii=False)
@@ -324,12 +326,14 @@ class Tokenizer:
         return cls(d["alphabet"], d["merges"])
 
     def save(self, path):
+        """to_json() into a file, through a temporary one renamed into place. Example: tok.save("tokenizer.json")"""
         tmp = Path(f"{path}.tmp")
         tmp.write_text(self.to_json(), encoding="utf-8")
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path):
+        """A tokenizer saved with save(); DataError naming the file and the problem. Example: Tokenizer.load("t.json")"""
         try:
             return cls.from_json(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, DataError) as e:
