@@ -18,6 +18,7 @@ import data
 import evaluate
 import tokenizer
 import optim
+import progress
 import train
 from amlm import AMLM, mask_rate
 from data import Batches
@@ -1896,8 +1897,11 @@ def test_what_the_log_says_before_the_first_step(data_dir, tmp_path, capsys, mon
     assert "masking: hard, rate 0.10 -> 0.40 (rising)" in log and "update the masking weights 1 time(s)" in log
     estimate = re.search(r"estimate: 6 steps of 512 tokens on cpu \(fp32\) take about (\d+) s", log)
     assert estimate and log.index("estimate:") < log.index("step 1/6") and "note: this is a GPU-sized run" not in log
+    assert [int(s) for s in re.findall(r"^step (\d+)/6:", log, flags=re.M)] == [1]  # the first step; 10 and 100 never come
+    monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0)  # a slow device: a speed line at every step, by the clock
+    train.main(SMALL + ["--data-dir", data_dir, "--out", str(tmp_path / "b"), "--max-steps", "3"])
+    assert re.findall(r"^step (\d+)/3: .* tok/s, ETA", (tmp_path / "b" / "log.txt").read_text(), flags=re.M) == ["1", "2", "3"]
     # a run that would take days on this CPU names one that fits, with its own estimate
-    import progress
     monkeypatch.setattr(progress, "run_seconds", lambda *a, **kw: 3 * 86400.0)
     lines = progress.estimate_lines(tiny_model(), train.parse_args(SMALL + ["--max-steps", "9"])[0], 0, 9,
                                     torch.autocast("cpu", enabled=False), train.seq_len_at)

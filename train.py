@@ -228,7 +228,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     d = load_data(args, rank)
     batches = data.Batches(d.train, block_size=max(args.seq_lens), seed=args.seed)  # the same global stream everywhere
-    epoch = batches.n_blocks * batches.block_size  # tokens
+    epoch = batches.n_blocks * batches.block_size  # tokens; the total below, as every run before computed it
     total = args.max_steps if args.max_steps is not None else int(args.epochs * epoch // args.batch_tokens)
     warmup = max(1, int(args.warmup * total) if args.warmup < 1 else int(args.warmup))
     words_at = lambda step: int(step * args.batch_tokens * d.n_train_words / max(1, d.n_train_tokens))
@@ -243,8 +243,7 @@ def main(argv=None):
     losses, log, start = {"train_loss": math.nan, "val_loss": math.nan}, progress.log, time.time()
     progress.header(args, d, model, total, words_at(total), out, world)
     if step < total and rank == 0:  # the time it will take, from a probe of the model (the others wait in DDP)
-        for line in estimate_lines(model, args, step, total, autocast, seq_len_at, world, len(d.val)):
-            log(line)
+        log("\n".join(estimate_lines(model, args, step, total, autocast, seq_len_at, world, len(d.val))))
     fmodel = ddp.wrap(model, world)
     fmodel = torch.compile(fmodel) if args.compile else fmodel
     save = lambda milestone=None: save_checkpoint(out, step, words_at(step), args, model, opt, amlm, batches, gen,
