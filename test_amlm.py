@@ -1674,6 +1674,7 @@ BAD_INPUT = [  # (command line, arguments (train.py: after a good small run's fl
     ("train", "--seq-len 1", "", "--seq-len 1: every length must be at least 4"),
     ("train", "--seq-len 2,32", "", "--seq-len 2,32: every length must be at least 4"),
     ("train", "--compile --fast", "", "--compile compiles the plain model"),
+    pytest.param("train", "--compile --no-fast", "", "--compile is for CUDA", marks=no_cuda),
     # data.py
     ("data", "--corpus {tmp}/missing.txt --data-dir {data}", "", "unknown corpus"),
     ("data", "--corpus {tmp}/tiny.txt --vocab-size abc", "tiny", "--vocab-size: invalid int value: 'abc'"),
