@@ -313,8 +313,7 @@ def releases_run(main):
             code = main(argv) or 0
             finished = True
         except KeyboardInterrupt:
-            code = "interrupted before training started; nothing was saved"
-            print(code, file=sys.stderr)
+            print("interrupted before training started; nothing was saved", file=sys.stderr)
             code = 130
         except CheckpointError as e:
             code = f"error: {e}"

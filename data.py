@@ -147,12 +147,12 @@ def resolve_corpus(corpus, data_dir="data", quiet=False, opener=_urlopen):
     if not path.exists():
         raise DataError(f"unknown corpus {str(corpus)!r}: not an existing file or folder, "
                         f"nor one of {', '.join(KNOWN)}")
-    zips = [path] if path.is_file() and zipfile.is_zipfile(path) else sorted(path.glob("*.zip")) if path.is_dir() else []
-    files = find_files(path)
-    if zips and path.is_file():
+    if path.is_file() and zipfile.is_zipfile(path):
         raise DataError(f"{path} is a zip archive: unzip it and pass the folder (the BabyLM train_10M.zip: put its "
                         f"*.train files into {data_dir / 'babylm_10M'}/ and use --corpus babylm_10M)")
+    files = find_files(path)
     if not files:
+        zips = sorted(path.glob("*.zip")) if path.is_dir() else []
         raise DataError(f"corpus folder {path} holds no *.train or *.txt files" +
                         (f" ({zips[0].name} is a zip archive: unzip it there first)" if zips else ""))
     return files

@@ -20,7 +20,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 
-
 def init(args):
     """Under torchrun (WORLD_SIZE is set): join the process group, gloo on CPU and nccl on CUDA with one GPU per
     process, and return (rank, world size); plain `python train.py` -> (0, 1), no process group."""

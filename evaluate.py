@@ -400,8 +400,8 @@ def compare_controlled(a, b, rounds=2000, seed=0):
         raise EvalError(f"the two results share {len(a)} WUG items; compare results scored on the same file")
     diff = lambda idx: rho_ctrl([a[i] for i in idx]) - rho_ctrl([b[i] for i in idx])
     lo, hi = bootstrap(diff, len(a), rounds, seed)
-    return {"items": len(a), "a": 100 * rho_ctrl(a), "b": 100 * rho_ctrl(b),
-            "difference": 100 * (rho_ctrl(a) - rho_ctrl(b)), "ci": [100 * lo, 100 * hi]}
+    ra, rb = rho_ctrl(a), rho_ctrl(b)
+    return {"items": len(a), "a": 100 * ra, "b": 100 * rb, "difference": 100 * (ra - rb), "ci": [100 * lo, 100 * hi]}
 
 # -----------------------------------------------------------------------------
 # evaluation of whole paths (library entry points)

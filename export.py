@@ -20,7 +20,7 @@ tokenizer.Tokenizer as a `tokenizers` pipeline:
   normalizer     runs of whitespace and "▁" -> one "▁", none at the ends, then "▁" prepended (not to "")
   pre-tokenizer  tokenizer.PAT with each Python class (\\d, [^\\W\\d_], ...) spelled out code point by code point,
                  because the Rust regex engine's Unicode classes differ (e.g. "²" is a letter to Python's
-                 [^\\W\\d_]); then every pre-token cut into 64-character pieces (tk.MAX_PRETOKEN)
+                 [^\\W\\d_]); then every pre-token cut into 64-character pieces (tokenizer.MAX_PRETOKEN)
   model          BPE with the same merges in the same order, byte fallback to "<0xXX>" (merges never
                  involve a byte token, so they never cross one, as in tokenizer.Tokenizer._encode_word)
   post-processor [CLS] $A [SEP] and [CLS] $A [SEP] $B [SEP]

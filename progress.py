@@ -41,13 +41,13 @@ class Progress:
             self.file.write(msg + "\n")
             self.file.flush()
 
-    def header(self, args, d, model, total, words, out, world):
+    def header(self, args, d, model, total, words):
         self.log(f"config: {json.dumps(vars(args))}")
         self.log(f"data: {len(d.train):,} train tokens ({d.n_train_words:,} words), {len(d.val):,} validation tokens, "
                  f"vocab {d.tokenizer.vocab_size}, {len(d.units) if args.nhot else 0} sub-token units")
         self.log(f"model: {type(model).__name__}, {model.num_params() / 1e6:.2f} M parameters ({model.num_params(False) / 1e6:.2f} M "
-                 f"without embeddings); device {args.device}, dtype {args.dtype}, {world} process(es) x {args.grad_accum} "
-                 f"micro-step(s); {total} steps of {args.batch_tokens} tokens ({words / 1e6:.1f} M words seen); run folder {out}")
+                 f"without embeddings); device {args.device}, dtype {args.dtype}, {self.world} process(es) x {args.grad_accum} "
+                 f"micro-step(s); {total} steps of {args.batch_tokens} tokens ({words / 1e6:.1f} M words seen); run folder {self.out}")
         start, end = args.mask_rate_start, args.mask_rate_end
         trend = "constant" if start == end else "decaying" if start > end else "rising"
         self.log(f"masking: {args.masking}, rate {start:.2f} -> {end:.2f} ({trend})" + (

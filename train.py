@@ -241,7 +241,7 @@ def main(argv=None):
     milestones = [m for m in milestones_words() if m > words_at(step)]
     progress = Progress(out, step, total, args, world, active=rank == 0)
     losses, log, start = {"train_loss": math.nan, "val_loss": math.nan}, progress.log, time.time()
-    progress.header(args, d, model, total, words_at(total), out, world)
+    progress.header(args, d, model, total, words_at(total))
     if step < total and rank == 0:  # the time it will take, from a probe of the model (the others wait in DDP)
         log("\n".join(estimate_lines(model, args, step, total, autocast, seq_len_at, world, len(d.val))))
     fmodel = ddp.wrap(model, world)
