@@ -24,28 +24,40 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenizer import (CLS, MASK, MAX_PRETOKEN, MIN_CHAR_COUNT, PAD, PAT, SEP, SPECIALS, TOKENIZER_VERSION, UNK,
-                       DataError, Tokenizer)
+from lib.errors import DataError
+from tokenizer import CLS, MASK, MAX_PRETOKEN, MIN_CHAR_COUNT, PAD, PAT, SEP, SPECIALS, TOKENIZER_VERSION, UNK, Tokenizer
 
 VAL_EVERY = 150                             # non-empty line k is validation iff k % 150 == 0 (0.67 %)
 CACHE_VERSION = 1
 DOWNLOADS = {"babylm_10M": ("https://osf.io/download/5mk3x/", "dc67e5d2db96ed4f76cb072e2504a18c")}
 KNOWN = ["babylm_10M", "babylm_100M", "synthetic"]
-CHECK_BYTES = 256 << 20  # bytes hashed per cache file, larger files sampled: blake2b reads 330-700 MB/s here
+CHECK_BYTES = 256 << 20  # bytes hashed per cache file; larger files are sampled, so a check costs well under a second
 
 class CacheError(DataError):
     """A token cache that fails its check (missing, truncated or altered file): rebuilt, never loaded."""
 
 # ----------------------------------------------------------------------------- corpus
 
+def is_run_output(file):
+    """Whether a text file is train.py's own output, never corpus text: anything in a run folder (one holding
+    latest.pt or train.lock), or a log.txt that opens with train.py's "config: " line.
+    Example: out/run/log.txt -> True; books/alice.txt -> False."""
+    if (file.parent / "latest.pt").exists() or (file.parent / "train.lock").exists():
+        return True
+    try:
+        return file.name == "log.txt" and file.open("rb").read(8) == b"config: "
+    except OSError:
+        return False
+
 def find_files(path):
-    """Text files of a corpus path: the file itself, or a folder's *.train/*.txt, sorted, recursively
-    (hidden files and __MACOSX zip debris skipped). Example: dir with b.txt, a/c.train -> [a/c.train, b.txt]."""
+    """Text files of a corpus path: the file itself, or a folder's *.train/*.txt, sorted, recursively (hidden files,
+    __MACOSX zip debris and train.py's own outputs skipped). Example: dir with b.txt, a/c.train -> [a/c.train, b.txt]."""
     path = Path(path)
     if path.is_file():
         return [path]
     return sorted(p for p in path.rglob("*") if p.suffix in (".train", ".txt") and p.is_file()
-                  and not any(s.startswith((".", "__MACOSX")) for s in p.relative_to(path).parts))
+                  and not any(s.startswith((".", "__MACOSX")) for s in p.relative_to(path).parts)
+                  and not is_run_output(p))
 
 def _urlopen(url):
     return urllib.request.urlopen(url, timeout=60)  # a dead network fails instead of hanging forever
@@ -123,9 +135,13 @@ def resolve_corpus(corpus, data_dir="data", quiet=False, opener=_urlopen):
     if corpus == "synthetic":
         path = data_dir / "synthetic" / "synthetic.train"
         if not path.exists():  # written once, so its mtime (part of the cache key) stays put
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".tmp").write_text(synthetic_text(), encoding="utf-8")
-            os.replace(path.with_suffix(".tmp"), path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.with_suffix(".tmp").write_text(synthetic_text(), encoding="utf-8")
+                os.replace(path.with_suffix(".tmp"), path)
+            except OSError as e:
+                raise DataError(f"data dir {data_dir} is not writable ({e.strerror or e}); "
+                                "pass --data-dir with a writable folder") from None
         return [path]
     if corpus in KNOWN:
         folder = data_dir / corpus
@@ -239,7 +255,7 @@ def load_cache(cache):
         raise CacheError("meta.json is unreadable") from None
     checks = meta.get("checks") if isinstance(meta, dict) else None
     if not isinstance(checks, dict):
-        raise CacheError("meta.json holds no checksums (an older version wrote it)")
+        raise CacheError("meta.json holds no checksums, so the cache cannot be checked")
     arrays = {}
     for name in ("train.npy", "val.npy"):
         try:
@@ -303,6 +319,9 @@ def prepare(corpus, data_dir="data", vocab_size=16384, quiet=False):
     """Resolve the corpus, train the tokenizer and tokenize once (cached under <data_dir>/cache/<key>/),
     and return a Data. Example: prepare("synthetic", "/tmp/d", 1000).train[:3] -> [CLS, id("▁The"), ...]."""
     t0, data_dir = time.time(), Path(data_dir)
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise DataError(f"vocab size must be a positive integer, got {vocab_size!r}")
+    files = resolve_corpus(corpus, data_dir, quiet)  # first: a corpus that is not there leaves no folder behind
     try:
         (data_dir / "cache").mkdir(parents=True, exist_ok=True)
         probe = data_dir / "cache" / f".probe{os.getpid()}"
@@ -310,9 +329,6 @@ def prepare(corpus, data_dir="data", vocab_size=16384, quiet=False):
     except OSError as e:
         raise DataError(f"data dir {data_dir} is not writable ({e.strerror or e}); "
                         "pass --data-dir with a writable folder") from None
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise DataError(f"vocab size must be a positive integer, got {vocab_size!r}")
-    files = resolve_corpus(corpus, data_dir, quiet)
     key = cache_key(files, vocab_size)
     cache = data_dir / "cache" / key
     try:

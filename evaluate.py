@@ -35,10 +35,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_model, write_json
-from fast import FastMaskedLM, pick_device, pick_dtype
+from lib.checkpoint import load_model, write_json
+from lib.errors import UserError
+from lib.fast import FastMaskedLM
+from lib.run import pick_device, pick_dtype
 from model import MaskedLM
-from tokenizer import CLS, MASK, PAD, SEP, DataError
+from tokenizer import CLS, MASK, PAD, SEP
 
 PLL_VARIANTS = ("standard", "word-l2r")
 FORMATS = {  # format -> fields that identify it (and must be on every line)
@@ -48,8 +50,8 @@ FORMATS = {  # format -> fields that identify it (and must be on every line)
     "ewok": ("Context1", "Target1", "Target2"),
 }
 
-class EvalError(Exception):
-    """A user mistake (bad path, malformed line, unreadable checkpoint), said in one sentence."""
+class EvalError(UserError):
+    """A user mistake (bad path, malformed line, bad flag), said in one sentence."""
 
 class UnknownFormat(EvalError):
     """A file whose records match no known format: reported and skipped, never scored."""
@@ -58,12 +60,10 @@ class UnknownFormat(EvalError):
 # checkpoint loading
 
 def load_checkpoint(path, device="cpu", fast=True):
-    """checkpoint.load_model with this file's error class, fast.py's FastMaskedLM unless fast=False.
-    Example: load_checkpoint("out/run/latest.pt") -> (FastMaskedLM(...), Tokenizer(...), {"step": 1000, ...})"""
-    try:
-        return load_model(path, device, FastMaskedLM if fast else MaskedLM)
-    except CheckpointError as e:
-        raise EvalError(str(e)) from None
+    """A checkpoint as lib/fast.py's FastMaskedLM (model.py's MaskedLM with fast=False), in eval mode; CheckpointError
+    in one sentence if it is not one. Example: load_checkpoint("out/run/latest.pt") -> (FastMaskedLM(...),
+    Tokenizer(...), {"step": 1000, ...})"""
+    return load_model(path, device, FastMaskedLM if fast else MaskedLM)
 
 # -----------------------------------------------------------------------------
 # PLL scoring
@@ -83,13 +83,6 @@ def tokenize(tokenizer, prefix, completion, pll="standard"):
             break
         first += 1
     return ids, [0] * first + spans[first:]
-
-def checked_dtype(device, precision):
-    """fast.pick_dtype, its complaint as an EvalError. Example: (cpu, "fp16") -> EvalError."""
-    try:
-        return pick_dtype(device, precision)
-    except ValueError as e:
-        raise EvalError(str(e)) from None
 
 @contextmanager
 def frozen_embeddings(model):
@@ -123,7 +116,7 @@ def pll_scores(model, candidates, batch_size=256, device=None, precision="auto",
     scores = np.zeros(len(candidates))
     was_training = model.training
     model.eval()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if checked_dtype(device, precision) == "bf16" else nullcontext()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if pick_dtype(device, precision) == "bf16" else nullcontext()
     bar = tqdm(total=len(order), unit="copy", disable=None if progress else True, desc="PLL")  # None: off unless a terminal
     try:
         # no_grad, not inference_mode: what the model caches while scoring (its RoPE tables) must stay
@@ -444,7 +437,7 @@ def task_path_problem(path):
     Example: "typo/" -> "typo does not exist" """
     try:
         return None if read_tasks([path])[0] else f"{path} holds no file of a task format evaluate.py scores"
-    except (EvalError, DataError) as e:
+    except UserError as e:
         return str(e)
 
 def score_tasks(model, tokenizer, tasks, batch_size=256, device=None, pll="standard", precision="auto", progress=True):
@@ -499,9 +492,19 @@ def evaluate_paths(model, tokenizer, paths, batch_size=256, device=None, pll="st
     for e in skipped if progress else []:
         print(f"skipped {e}", file=sys.stderr)
     results = dict(score_tasks(model, tokenizer, tasks, batch_size, device, pll, precision, progress))
-    return summary(results, pll, checked_dtype(device, precision), skipped, time.time() - t0)
+    return results_dict(results, pll, pick_dtype(device, precision), skipped, time.time() - t0)
 
-def summary(results, pll, precision, skipped, seconds):
+def milestone_line(model, tokenizer, path, device, words):
+    """train.py --eval-blimp: the tasks in path scored at a milestone, as one log line (accuracy and correlation
+    tasks apart); tasks that cannot be read are said in the line, and training goes on.
+    Example: -> "tasks/blimp: accuracy 55.3 (67 tasks) at 2M words" """
+    try:
+        res = evaluate_paths(model, tokenizer, [path], device=device, progress=False)
+    except UserError as e:  # the files changed since the start: say so, train on
+        return f"{path}: not scored at {words // 1_000_000}M words ({e})"
+    return f"{path}: {headline_text(res)} at {words // 1_000_000}M words"
+
+def results_dict(results, pll, precision, skipped, seconds):
     """The results dict of evaluate_paths (see there) from score_tasks's results."""
     return {"pll": pll, "precision": precision, "tasks": results, **headline(results), "skipped": skipped,
             "candidates": sum(r["candidates"] for r in results.values()),
@@ -581,11 +584,8 @@ def setup(args):
             check_out(args.out)
         if args.threads:
             torch.set_num_threads(args.threads)
-        try:
-            device = pick_device(args.device)
-        except ValueError as e:
-            raise EvalError(str(e)) from None
-        precision = checked_dtype(device, args.precision)
+        device = pick_device(args.device)
+        precision = pick_dtype(device, args.precision)
         model, tokenizer, ckpt = load_checkpoint(args.checkpoint, device, args.fast)
         tasks, skipped = read_tasks(args.paths, args.limit)
         if not tasks:
@@ -593,7 +593,7 @@ def setup(args):
         for e in skipped:
             print(f"skipped {e}", file=sys.stderr)
         return tasks, skipped, model, tokenizer, ckpt, device, precision
-    except (EvalError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -636,7 +636,7 @@ def main(argv=None):
             print("interrupted before any task was finished; nothing written", file=sys.stderr)
             sys.exit(130)
     res = {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "words_seen": ckpt.get("words_seen"),
-           "limit": args.limit, **summary(results, args.pll, precision, skipped, time.time() - t0),
+           "limit": args.limit, **results_dict(results, args.pll, precision, skipped, time.time() - t0),
            "unscored": [name for name in tasks if name not in results]}
     print(format_table(res))
     if args.out:

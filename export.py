@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 import tokenizer as tk
-from checkpoint import CheckpointError, read_checkpoint
-from tokenizer import DataError
+from lib.checkpoint import read_checkpoint
+from lib.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 MODELING, MODEL = "modeling_amlm.py", "model.py"  # the glue, and the maths it imports relatively
@@ -43,7 +43,7 @@ MAX_LENGTH = 512  # the pipeline fine-tunes on pairs of up to 512 tokens; RoPE r
 PAT_TRANSLATED = r"▁?(?:[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|(?:[^\w\s▁]|_)+)"  # the tokenizer.PAT spelled out below
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A user mistake (missing file, not our checkpoint, occupied output folder), said in one sentence."""
 
 
@@ -52,15 +52,12 @@ class ExportError(Exception):
 
 def load(path):
     """checkpoint.read_checkpoint with the tensors memory-mapped (a latest.pt also holds the optimizer state, which
-    is never read) -> (checkpoint dict, config dict, Tokenizer), or ExportError; the state_dict's keys and shapes
+    is never read) -> (checkpoint dict, config dict, Tokenizer), or a UserError in one sentence; the state_dict's keys and shapes
     are checked against model.py's.
     Example: load("out/run/latest.pt") -> ({"model": {...}, "step": 1000, ...}, {"vocab_size": 16384, ...}, Tokenizer)"""
     if Path(path).is_dir():
         raise ExportError(f"{path} is a folder; pass --milestones to export a run folder's checkpoints")
-    try:
-        ckpt, config, tokenizer = read_checkpoint(path, mmap=True)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
+    ckpt, config, tokenizer = read_checkpoint(path, mmap=True)
     return ckpt, asdict(config), tokenizer
 
 
@@ -202,8 +199,8 @@ def write_folder(ckpt_path, folder):
     files["config.json"] = json.dumps(config_json(cfg, ckpt), indent=1) + "\n"
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
-    for name in (MODELING, MODEL):
-        shutil.copyfile(HERE / name, folder / name)
+    for src in (HERE / "lib" / MODELING, HERE / MODEL):
+        shutil.copyfile(src, folder / src.name)
     # the keys of AmlmForMaskedLM: its AmlmModel "amlm" holds model.py's MaskedLM as "lm"
     write_safetensors({"amlm.lm." + k: v for k, v in ckpt["model"].items()}, folder / "model.safetensors")
 
@@ -266,7 +263,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         export(args.source, args.out_dir, args.force, args.milestones)
-    except (ExportError, DataError) as e:
+    except UserError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 1
     return 0

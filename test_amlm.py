@@ -17,15 +17,14 @@ import torch.nn.functional as F
 import data
 import evaluate
 import tokenizer
-import optim
-import progress
 import train
 from amlm import AMLM, mask_rate
 from data import Batches
-from tokenizer import CLS, SEP, MASK, FIRST_BYTE, FIRST_CHAR, DataError, Tokenizer
-import fast
-from fast import FastMaskedLM, RotaryQKV, LinearCrossEntropy, NHotSum, dropout, dropout_add, dropout_mask
+from lib import estimate, fast, optim, progress
+from lib.errors import CheckpointError, DataError, UserError
+from lib.fast import FastMaskedLM, RotaryQKV, LinearCrossEntropy, NHotSum, dropout, dropout_add, dropout_mask
 from model import MaskedLM, ModelConfig, apply_rope, rope_tables
+from tokenizer import CLS, SEP, MASK, FIRST_BYTE, FIRST_CHAR, Tokenizer
 
 # -----------------------------------------------------------------------------
 # data.py: corpus, tokenizer, sub-token table, cache, packing
@@ -797,7 +796,7 @@ def test_bad_checkpoints_are_refused(data_dir, tmp_path, capsys):
     torch.save(ck, tmp_path / "a" / "latest.pt")
     with pytest.raises(SystemExit, match="does not match this version of model.py"):
         train.main(["--resume", str(tmp_path / "a"), "--data-dir", data_dir])
-    with pytest.raises(evaluate.EvalError):
+    with pytest.raises(UserError):
         evaluate.load_checkpoint(str(tmp_path / "latest.pt"))
 
 def test_ctrl_c_saves_latest(data_dir, tmp_path):
@@ -895,6 +894,12 @@ def test_torchrun_and_grad_accum_give_the_single_process_run(data_dir, tmp_path)
     assert_same_run(two, torchrun(["--resume", str(tmp_path / "half")], data_dir, tmp_path / "half"), 0.0)
     train.main(["--resume", str(tmp_path / "half1"), "--data-dir", data_dir])
     assert_same_run(two, torch.load(tmp_path / "half1" / "latest.pt", weights_only=True), 1e-5)
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_compile_on_a_cpu_is_allowed_with_a_note(capsys):
+    args, _, _ = train.parse_args(SMALL + ["--compile", "--no-fast"])
+    assert args.compile and not args.fast and args.device == "cpu"
+    assert "note: --compile on a CPU" in capsys.readouterr().err
 
 def test_batches_that_do_not_split_are_refused(capsys, monkeypatch):
     with pytest.raises(SystemExit):
@@ -1437,7 +1442,7 @@ def test_truncated_checkpoint(model, tok, tmp_path):
     ckpt = tmp_path / "t.pt"
     torch.save({"model": model.state_dict(), "config": asdict(model.config), "tokenizer": tok.to_json()}, ckpt)
     ckpt.write_bytes(ckpt.read_bytes()[:2000])
-    with pytest.raises(evaluate.EvalError, match="truncated"):
+    with pytest.raises(UserError, match="truncated"):
         evaluate.load_checkpoint(ckpt)
 
 def test_ctrl_c_keeps_finished_tasks(model, tok, task_dir, tmp_path, capsys, monkeypatch):
@@ -1674,7 +1679,6 @@ BAD_INPUT = [  # (command line, arguments (train.py: after a good small run's fl
     ("train", "--seq-len 1", "", "--seq-len 1: every length must be at least 4"),
     ("train", "--seq-len 2,32", "", "--seq-len 2,32: every length must be at least 4"),
     ("train", "--compile --fast", "", "--compile compiles the plain model"),
-    pytest.param("train", "--compile --no-fast", "", "--compile is for CUDA", marks=no_cuda),
     # data.py
     ("data", "--corpus {tmp}/missing.txt --data-dir {data}", "", "unknown corpus"),
     ("data", "--corpus {tmp}/tiny.txt --vocab-size abc", "tiny", "--vocab-size: invalid int value: 'abc'"),
@@ -1896,15 +1900,15 @@ def test_what_the_log_says_before_the_first_step(data_dir, tmp_path, capsys, mon
     log, err = (tmp_path / "a" / "log.txt").read_text(), capsys.readouterr().err
     assert "the vocabulary stops there, short of the 100,000 asked for (--vocab-size)" in err
     assert "masking: hard, rate 0.10 -> 0.40 (rising)" in log and "update the masking weights 1 time(s)" in log
-    estimate = re.search(r"estimate: 6 steps of 512 tokens on cpu \(fp32\) take about (\d+) s", log)
-    assert estimate and log.index("estimate:") < log.index("step 1/6") and "note: this is a GPU-sized run" not in log
+    est = re.search(r"estimate: 6 steps of 512 tokens on cpu \(fp32\) take about (\d+) s", log)
+    assert est and log.index("estimate:") < log.index("step 1/6") and "note: this is a GPU-sized run" not in log
     assert [int(s) for s in re.findall(r"^step (\d+)/6:", log, flags=re.M)] == [1]  # the first step; 10 and 100 never come
     monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0)  # a slow device: a speed line at every step, by the clock
     train.main(SMALL + ["--data-dir", data_dir, "--out", str(tmp_path / "b"), "--max-steps", "3"])
     assert re.findall(r"^step (\d+)/3: .* tok/s, ETA", (tmp_path / "b" / "log.txt").read_text(), flags=re.M) == ["1", "2", "3"]
     # a run that would take days on this CPU names one that fits, with its own estimate
-    monkeypatch.setattr(progress, "run_seconds", lambda *a, **kw: 3 * 86400.0)
-    lines = progress.estimate_lines(tiny_model(), train.parse_args(SMALL + ["--max-steps", "9"])[0], 0, 9,
+    monkeypatch.setattr(estimate, "run_seconds", lambda *a, **kw: 3 * 86400.0)
+    lines = estimate.estimate_lines(tiny_model(), train.parse_args(SMALL + ["--max-steps", "9"])[0], 0, 9,
                                     torch.autocast("cpu", enabled=False), train.seq_len_at)
     assert "take about 72.0 h (3.0 days)" in lines[0] and "python train.py --corpus synthetic --size tiny" in lines[1]
 

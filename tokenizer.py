@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lib.errors import DataError
+
 PAD, CLS, SEP, UNK, MASK = 0, 1, 2, 3, 4
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 FIRST_BYTE, FIRST_CHAR = 5, 5 + 256          # byte-fallback ids, then the alphabet
@@ -37,9 +39,6 @@ PAT = re.compile(r"▁?(?:[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|(?:[^\w\s▁]|_)+)")
 PAT_LINES = re.compile(PAT.pattern + r"|\n")  # corpus encoding: "\n" between lines becomes [SEP] [CLS]
 MAX_PRETOKEN = 64  # longer pre-tokens are cut into 64-character chunks before BPE: one pathological line
                    # (a 5 MB word) would otherwise make every merge rescan it
-
-class DataError(Exception):
-    """A user mistake (bad path, bad size, corrupt file); the message is one clear sentence."""
 
 # -----------------------------------------------------------------------------
 # pre-tokenization: text -> words, numbers and punctuation runs, each marked where a word starts

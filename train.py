@@ -14,17 +14,22 @@ The run folder holds latest.pt, ckpt_<N>M.pt (N = million words seen), summary.j
 train.lock while a process uses it. A new run refuses a folder that holds one (--resume or --overwrite).
 """
 import argparse, math, os, sys, time
+from contextlib import nullcontext
 
 import torch
 
 import data
-import distributed as ddp
-from amlm import AMLM, mask_rate
-from checkpoint import load_resume, open_run, releases_run, restore, resumed_args, save_checkpoint, write_json
-from fast import FastMaskedLM, pick_device, pick_dtype
+import evaluate
+from amlm import AMLM, METRICS, mask_rate
+from lib import ddp
+from lib.checkpoint import load_resume, restore, save_checkpoint, write_json
+from lib.errors import UserError
+from lib.estimate import estimate_lines
+from lib.fast import FastMaskedLM
+from lib.optim import make_optimizer
+from lib.progress import Progress, run_summary
+from lib.run import catch_ctrl_c, open_run, pick_device, pick_dtype, releases_run, stop_on_nan
 from model import SIZES, MaskedLM, ModelConfig
-from optim import make_optimizer
-from progress import Progress, catch_ctrl_c, estimate_lines, evaluate_loss, summary
 
 # -----------------------------------------------------------------------------
 # command line
@@ -68,13 +73,14 @@ def get_parser():
           help=f"override the preset's {name.replace('-', '_')} (default: the preset's)")
     a("--vocab-size", type=positive(int), default=None, help="BPE vocabulary size (default: 40000 for --size paper, else 16384)")
     a("--dropout", type=fraction, default=0.1, help="dropout on embeddings and residual branches, in [0, 1) (default: %(default)s)")
-    a("--masking", default="hard", choices=["uniform", "hard", "soft"],
-      help="uniform MLM, or AMLM's difficulty metric (default: %(default)s)")
+    a("--masking", default="hard", choices=list(METRICS),
+      help="uniform = standard MLM; hard or soft = AMLM scoring each type by top-1 accuracy or by cross-entropy "
+           "(default: %(default)s)")
     a("--mask-rate", type=rate, default=None,
-      help="constant mask rate, setting --mask-rate-start and --mask-rate-end (default: off, the decay below)")
-    a("--mask-rate-start", type=rate, default=0.40,
-      help="mask rate at step 0; it moves linearly to --mask-rate-end, a decay when start > end (default: %(default)s)")
-    a("--mask-rate-end", type=rate, default=0.15, help="mask rate at the last step; above the start it rises (default: %(default)s)")
+      help="constant mask rate, setting --mask-rate-start and --mask-rate-end (default: off, see those two)")
+    a("--mask-rate-start", type=rate, default=None, help="mask rate at step 0; it moves linearly to --mask-rate-end, a "
+      "decay when start > end (default: 0.40 for AMLM, 0.15 for --masking uniform, which is standard MLM)")
+    a("--mask-rate-end", type=rate, default=None, help="mask rate at the last step; above the start it rises (default: 0.15)")
     a("--amlm-update-every", type=positive(int), default=200,
       help="optimizer steps between AMLM weight updates (default: %(default)s)")
     a("--amlm-ema", type=fraction, default=0.2, help="EMA weight of the old masking weights, in [0, 1) (default: %(default)s)")
@@ -107,7 +113,7 @@ def get_parser():
     a("--fast", action=argparse.BooleanOptionalAction, default=None, help="fast.py's FastMaskedLM; --no-fast: model.py's "
                                                                        "MaskedLM, the same maths (default: on, off with --compile)")
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
-      help="torch.compile the plain model, on CUDA only (default: off)")
+      help="torch.compile the plain model; meant for CUDA (default: off)")
     a("--resume", default=None, metavar="RUN_DIR",
       help="continue the run in RUN_DIR from its latest.pt, with its settings (see below) (default: a new run)")
     a("--eval-every", type=non_negative(int), default=500,
@@ -126,13 +132,18 @@ def parse_args(argv=None):
         if args.overwrite:
             p.error("--overwrite starts a new run and --resume continues one; give one of them")
         resume = load_resume(args.resume)
-        args = resumed_args(get_parser, argv, args, resume["args"], RESUME_MAY_CHANGE)
+        args = resumed_args(p, argv, args, resume["args"])
     if args.compile and args.fast:
         p.error("--compile compiles the plain model (torch.compile cannot trace fast.py's pieces): add --no-fast")
     args.fast = not args.compile if args.fast is None else args.fast
     args.batch_tokens = args.batch_tokens or (4096 if args.corpus == "synthetic" else 16384)  # synthetic: smoke tests
+    if not args.corpus.strip():
+        p.error("--corpus is empty: give babylm_10M, babylm_100M, synthetic, or a path (is a shell variable unset?)")
     if args.mask_rate is not None:
         args.mask_rate_start = args.mask_rate_end = args.mask_rate
+    if args.mask_rate_start is None:  # standard MLM is a constant 15 %; AMLM's best configuration decays 0.40 -> 0.15
+        args.mask_rate_start = 0.15 if args.masking == "uniform" else 0.40
+    args.mask_rate_end = 0.15 if args.mask_rate_end is None else args.mask_rate_end
     try:
         args.seq_lens = [int(t) for t in args.seq_len.split(",")]
         assert all(t > 0 for t in args.seq_lens)
@@ -152,17 +163,32 @@ def parse_args(argv=None):
         p.error("--d-model must be a multiple of --n-head with an even head size")
     try:
         args.device = str(pick_device(args.device))
-    except ValueError as e:
+    except UserError as e:
         p.error(str(e))
     args.dtype = pick_dtype(torch.device(args.device), args.dtype)
     if args.compile and args.device == "cpu":
-        p.error("--compile is for CUDA: on a CPU the compiled plain model trains slower than fast.py (docs/performance.md); "
-                "add --no-compile")
+        print("note: --compile on a CPU: where measured (docs/performance.md) the compiled plain model trained "
+              "slower than fast.py's", file=sys.stderr)
     if args.eval_blimp:  # read now: a typo must not surface at the first milestone, minutes into training
-        import evaluate
         if problem := evaluate.task_path_problem(args.eval_blimp):
             p.error(f"--eval-blimp {problem}")
     return args, shape, resume
+
+def resumed_args(p, argv, args, saved):
+    """The saved run's flags (saved: its args), with those typed now (argv) that RESUME_MAY_CHANGE allows. Any other
+    typed flag must agree with the saved run, else --resume RUN --lr 0.5 would go on at the old rate without a word.
+    Example: saved lr 0.001, typed --lr 0.5 -> error "... --lr 0.5 (the run has 0.001) ..." """
+    q, unset = get_parser(), object()
+    q.set_defaults(**dict.fromkeys(vars(args), unset))  # the same flags with a default no flag gives: what remains was typed
+    typed = {k: v for k, v in vars(q.parse_args(argv)).items() if v is not unset}
+    run = {**{k: p.get_default(k) for k in vars(args)}, **saved, "out": args.resume}  # defaults: flags added since
+    same = lambda k, v: os.path.realpath(v) == os.path.realpath(args.resume) if k == "out" else v == run.get(k)
+    clash = [k for k, v in typed.items() if k not in RESUME_MAY_CHANGE + ("resume",) and not same(k, v)]
+    if clash:
+        p.error("--resume keeps the saved run's settings, but " + ", ".join(
+            f"--{k.replace('_', '-')} {typed[k]} (the run has {run.get(k)})" for k in clash) + " differ")
+    changed = {k: v for k, v in typed.items() if k in RESUME_MAY_CHANGE}
+    return argparse.Namespace(**{**run, **changed, "stop_after": args.stop_after, "resume": args.resume, "overwrite": False})
 
 # -----------------------------------------------------------------------------
 # schedules: pure functions of the step
@@ -192,7 +218,7 @@ def load_data(args, rank=0):
     try:
         with ddp.rank_0_first(rank):
             d = data.prepare(args.corpus, args.data_dir, args.vocab_size, quiet=rank != 0)
-    except data.DataError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     block = max(args.seq_lens)
     if len(d.train) < block:
@@ -204,8 +230,8 @@ def load_data(args, rank=0):
     return d
 
 def build(args, shape, d):
-    """The model (fast.py's FastMaskedLM, or model.py's MaskedLM with --no-fast), its optimizer, and the two maskers
-    (the run's AMLM, and uniform 15 % for validation)."""
+    """The model (lib/fast.py's FastMaskedLM, or model.py's MaskedLM with --no-fast), its optimizer, and the two
+    maskers: the run's AMLM, and uniform 15 % for the validation loss."""
     V = d.tokenizer.vocab_size
     cfg = ModelConfig(vocab_size=V, max_len=max(args.seq_lens), dropout=args.dropout, **shape)
     model = (FastMaskedLM if args.fast else MaskedLM)(cfg, nhot_table=d.nhot_table if args.nhot else None).to(args.device)
@@ -214,11 +240,40 @@ def build(args, shape, d):
     freqs = torch.bincount(torch.from_numpy(d.train[: 50_000_000].astype("int64")), minlength=V)
     amlm = AMLM(V, specials, data.MASK, rate=args.mask_rate_start, metric=args.masking, ema=args.amlm_ema,
                 update_every=args.amlm_update_every, frequencies=freqs).to(args.device)
-    amlm15 = AMLM(V, specials, data.MASK, rate=0.15, metric="uniform").to(args.device)
-    return model, opt, amlm, amlm15
+    val_masker = AMLM(V, specials, data.MASK, rate=0.15, metric="uniform").to(args.device)
+    return model, opt, amlm, val_masker
 
-# -----------------------------------------------------------------------------
-# the run
+@torch.no_grad()
+def validation_loss(model, val, masker, args, autocast):
+    """Mean MLM loss on the held-out split at fixed uniform 15 % masking and a fixed seed (comparable across runs).
+    Example: an untrained tiny model on babylm_10M -> 9.58 (about ln 16384); after 400 steps -> 4.53."""
+    T = max(args.seq_lens)
+    n = min(len(val) // T, max(1, args.eval_tokens // T))
+    if n == 0:
+        return float("nan")
+    x = torch.from_numpy(val[: n * T].astype("int64")).view(n, T)  # (n, T)
+    g = torch.Generator(device=args.device).manual_seed(1234)
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, n, 64):
+        inputs, labels = masker.mask(x[i:i + 64].to(args.device), generator=g)
+        with autocast:
+            _, loss = model(inputs, labels=labels)
+        k = int((labels != -100).sum())
+        total, count = total + loss.item() * k, count + k
+    model.train()
+    return total / max(1, count)
+
+def check_resume_point(step, total, args):
+    """A resumed run must have steps left: at its end there is nothing to do (exit 0, no file touched), and a
+    --max-steps below the step reached is refused. Example: step 60 of 60 -> "... already finished at step 60 ..." """
+    if step == total:
+        print(f"{args.out} already finished at step {step}; nothing to do", file=sys.stderr)
+        sys.exit(0)
+    if step > total:
+        sys.exit(f"error: {args.out} is at step {step}, past the {total} steps that " +
+                 (f"--max-steps {args.max_steps}" if args.max_steps is not None else f"--epochs {args.epochs}") +
+                 " give; a run cannot go back: give a --max-steps of at least its step, or start a new run")
 
 @releases_run
 def main(argv=None):
@@ -228,15 +283,20 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     d = load_data(args, rank)
     batches = data.Batches(d.train, block_size=max(args.seq_lens), seed=args.seed)  # the same global stream everywhere
-    epoch = batches.n_blocks * batches.block_size  # tokens; the total below, as every run before computed it
-    total = args.max_steps if args.max_steps is not None else int(args.epochs * epoch // args.batch_tokens)
+    epoch_tokens = batches.n_blocks * batches.block_size
+    total = args.max_steps if args.max_steps is not None else int(args.epochs * epoch_tokens // args.batch_tokens)
+    if total == 0 and args.max_steps is None:
+        sys.exit(f"error: --epochs {args.epochs} is 0 steps of {args.batch_tokens} tokens on this corpus "
+                 f"({epoch_tokens:,} tokens an epoch); give a larger --epochs, or --max-steps 0 for an untrained model")
     warmup = max(1, int(args.warmup * total) if args.warmup < 1 else int(args.warmup))
     words_at = lambda step: int(step * args.batch_tokens * d.n_train_words / max(1, d.n_train_tokens))
-    model, opt, amlm, amlm15 = build(args, shape, d)
+    model, opt, amlm, val_masker = build(args, shape, d)
     if world > 1:  # the same initial weights everywhere (DDP checks), but each process its own dropout stream
         torch.manual_seed(hash((args.seed, rank)) % 2**63)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)  # all masking randomness, the same everywhere
     step = restore(resume, d.tokenizer, model, opt, amlm, batches, gen, rank, world) if resume else 0
+    if resume:
+        check_resume_point(step, total, args)  # before anything is written
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     milestones = [m for m in milestones_words() if m > words_at(step)]
     progress = Progress(out, step, total, args, world, active=rank == 0)
@@ -244,14 +304,14 @@ def main(argv=None):
     progress.header(args, d, model, total, words_at(total))
     if step < total and rank == 0:  # the time it will take, from a probe of the model (the others wait in DDP)
         log("\n".join(estimate_lines(model, args, step, total, autocast, seq_len_at, world, len(d.val))))
-    fmodel = ddp.wrap(model, world)
-    fmodel = torch.compile(fmodel) if args.compile else fmodel
+    fmodel = torch.compile(ddp.wrap(model, world)) if args.compile else ddp.wrap(model, world)
     save = lambda milestone=None: save_checkpoint(out, step, words_at(step), args, model, opt, amlm, batches, gen,
                                                   d.tokenizer, milestone, rank)
-    write_summary = lambda: rank == 0 and write_json(summary(step, total, words_at(step), losses, progress, start, args,
-                                                             model), f"{out}/summary.json")
+    write_summary = lambda: rank == 0 and write_json(run_summary(f"{out}/summary.json", step, total, words_at(step),
+                                                                 losses, progress, start, args, model), f"{out}/summary.json")
     interrupted = catch_ctrl_c(out, rank)  # Ctrl-C, or torchrun/a scheduler stopping us: finish the step, save, exit
     stop = min(total, step + args.stop_after) if args.stop_after is not None else total
+    micro = args.grad_accum
     while step < stop and not interrupted:
         t0 = time.perf_counter()
         lr, T = lr_at(step, total, args.lr, warmup), seq_len_at(step, total, args.seq_lens)
@@ -260,35 +320,45 @@ def main(argv=None):
             group["lr"] = lr
         x = batches.next(args.batch_tokens, T).to(args.device, non_blocking=True)  # (B, T): the global batch
         # --- the AMLM cycle: mask by difficulty -> predict -> record how hard each type was -> adapt ---
-        inputs, labels = amlm.mask(x, rate=p, generator=gen)  # one mask per row, whatever the world size
-        loss, logits, labels = ddp.accumulate(fmodel, amlm, inputs, labels, rank, world, args.grad_accum, autocast)
-        loss = ddp.agree(loss, interrupted, args.device)  # the global loss; all processes stop together
+        inputs, labels = amlm.mask(x, rate=p, generator=gen)  # (B, T) each; one mask per row, whatever the world size
+        n = int((labels != -100).sum())  # targets in the global batch (every process masked all of it)
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)  # this process's rows
+        loss = torch.zeros((), dtype=torch.float64)
+        for i, (inp, lab) in enumerate(zip(inputs[rows].chunk(micro), labels[rows].chunk(micro))):
+            sync = world == 1 or i == micro - 1  # DDP all-reduces the gradients on the last micro-step only
+            with nullcontext() if sync else fmodel.no_sync(), autocast:
+                logits, micro_loss = fmodel(inp, labels=lab)  # logits (k, V): only the k targets' rows
+            k = int((lab != -100).sum())
+            (micro_loss * (k * world / max(n, 1))).backward()  # DDP averages over processes: the gradient of the mean over all n
+            amlm.observe(lab, logits.detach(), inp)  # per type: how often predicted right (hard), or its loss (soft)
+            loss += micro_loss.detach().double().cpu() * k
+        loss = ddp.agree(loss / max(n, 1), interrupted, args.device)  # the global batch's mean; all stop together
         if not math.isfinite(loss):
-            log(f"step {step}: the loss is {loss}; stopping. {out}/latest.pt holds the last good state.")
-            sys.exit(1)
+            sys.exit(stop_on_nan(out, step, loss, f"--lr {args.lr}", new_run=not resume))
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        amlm.step(rate=p)  # the weights follow the decaying rate, as in the paper
+        amlm.step(rate=p)  # every update_every steps: new weights from the statistics, rescaled to the rate p
         step += 1
-        # --- hooks: display, curriculum record, validation, milestone checkpoints ---
+        # --- what the user sees: display, curriculum record, validation, milestone checkpoints ---
         losses["train_loss"] = loss
-        progress.step(step, loss, logits, labels, p, lr, time.perf_counter() - t0)
+        progress.step(step, loss, logits, lab, p, lr, time.perf_counter() - t0)  # the last micro-step's predictions
         if amlm.steps % amlm.update_every == 0 and rank == 0:  # the weights just moved: amlm.csv and the log say how
             progress.curriculum(step, amlm, d.tokenizer.tokens, p)
         if args.eval_every and step % args.eval_every == 0 and step < total:
-            losses["val_loss"] = evaluate_loss(model, d.val, amlm15, args, autocast)
+            losses["val_loss"] = validation_loss(model, d.val, val_masker, args, autocast)
             if math.isfinite(losses["val_loss"]):  # nan: the split is shorter than one block (said at start)
                 log(f"step {step}: validation loss {losses['val_loss']:.4f}")
         while milestones and words_at(step) >= milestones[0]:
             save(milestones[0])
             if args.eval_blimp and rank == 0:
-                log(f"step {step}: {progress.blimp_line(model, d.tokenizer, args, milestones[0])}")
+                log(f"step {step}: {evaluate.milestone_line(model, d.tokenizer, args.eval_blimp, args.device, milestones[0])}")
             milestones.pop(0)
             write_summary()
     if step == total and not interrupted:
-        losses["val_loss"] = evaluate_loss(model, d.val, amlm15, args, autocast)
-        log(f"done: {step} steps, train loss {losses['train_loss']:.4f}, validation loss {losses['val_loss']:.4f}")
+        losses["val_loss"] = validation_loss(model, d.val, val_masker, args, autocast)
+        trained = f"train loss {losses['train_loss']:.4f}" if total else "the untrained model"
+        log(f"done: {step} steps, {trained}, validation loss {losses['val_loss']:.4f}")
     save()
     write_summary()
     if interrupted or step < total:

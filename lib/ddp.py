@@ -5,15 +5,16 @@ reimplementation of Edman & Fraser, "Mask and You Shall Receive: Optimizing Mask
 Pretraining BabyLMs" (BabyLM 2025). With plain `python train.py` every function here is a no-op or a plain call.
 
     rank, world = init(args)                      # (0, 1) without torchrun
-    loss, logits, labels = accumulate(wrap(model, world), amlm, inputs, labels, rank, world, micro, autocast)
+    fmodel = wrap(model, world)                   # DDP averages the gradients over processes
     loss = agree(loss, interrupted, device)       # the global loss; a Ctrl-C in one process stops all
 
-Every process draws the mask of the whole global batch (the same generator everywhere) and keeps its own rows; the
-loss is the mean over all targets of the global batch; AMLM sums its statistics over the processes before each
-update (amlm.AMLM.all_reduce), so every process holds the same masking weights. Only rank 0 writes the run folder.
+The micro-step loop itself is in train.py's main(). Every process draws the mask of the whole global batch (the
+same generator everywhere) and keeps its own rows; the loss is the mean over all targets of the global batch;
+AMLM sums its statistics over the processes before each update (amlm.AMLM.all_reduce), so every process holds the
+same masking weights. Only rank 0 writes the run folder; checkpoint.save_checkpoint gathers every process's RNG.
 """
 import datetime, os, sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -51,25 +52,6 @@ def rank_0_first(rank):
     if rank == 0 and dist.is_initialized():
         dist.barrier()
 
-def accumulate(model, amlm, inputs, labels, rank, world, micro, autocast):
-    """Forward and backward over this process's rows of the global batch, in `micro` micro-batches, so that the
-    summed gradient (DDP averages it over processes) is that of the mean loss over ALL targets of the global
-    batch: a micro-batch with k of the N targets weighs its mean loss by k / N. Returns (this process's share of
-    that loss, which agree() sums; the last micro-batch's logits and labels). Example: 3 + 1 targets on 2
-    processes, mean losses 2.0 and 6.0 -> shares 1.5 and 1.5, global loss 3.0 (not (2.0 + 6.0) / 2)."""
-    n = int((labels != -100).sum())  # every process masked the whole global batch: N is known everywhere
-    rows = slice(rank * len(labels) // world, (rank + 1) * len(labels) // world)  # this process's rows
-    total = torch.zeros((), dtype=torch.float64)
-    for i, (inp, lab) in enumerate(zip(inputs[rows].chunk(micro), labels[rows].chunk(micro))):
-        sync = world == 1 or i == micro - 1  # DDP all-reduces the gradients on the last micro-batch only
-        with nullcontext() if sync else model.no_sync(), autocast:
-            logits, loss = model(inp, labels=lab)
-        k = int((lab != -100).sum())
-        (loss * (k * world / max(n, 1))).backward()
-        amlm.observe(lab, logits.detach(), inp)
-        total += loss.detach().double().cpu() * k
-    return total / max(n, 1), logits, lab
-
 def agree(loss, interrupted, device):
     """Under torch.distributed, one all-reduce: the global loss (each process holds its share), and whether any
     process was interrupted (then all stop after this step). Without it: the loss as a float.
@@ -81,3 +63,19 @@ def agree(loss, interrupted, device):
     if t[1] > 0 and not interrupted:
         interrupted.append(True)
     return t[0].item()
+
+def leave(code, finished):
+    """Under torchrun: destroy the process group and exit with `code` (a message is printed first) through os._exit;
+    without it, return. os._exit, because a gloo worker thread can still hold the last reference to a tensor of the
+    last collective: if it drops it while the interpreter shuts down it cannot take the GIL and the process aborts
+    (C++ terminate); DDP keeps the group, and so those threads, alive until now.
+    Example: leave("error: disk full", False) under torchrun -> prints the message, exit status 1."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()  # every process got to the end, and rank 0 may still be writing a checkpoint
+    dist.destroy_process_group()
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)

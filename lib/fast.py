@@ -1,6 +1,6 @@
 """
 The same model, faster: FastMaskedLM is model.MaskedLM with its forward pass and N-hot sum run through the
-hand-written pieces below. Also here: where a model runs, the device and the precision (bf16 where native).
+hand-written pieces below.
 
 Paper: Edman & Fraser, "Mask and You Shall Receive: Optimizing Masked Language Modeling for
 Pretraining BabyLMs" (BabyLM Challenge 2025). Nothing here changes the maths or the weights: a FastMaskedLM
@@ -26,38 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from model import MaskedLM, attention
-
-# -----------------------------------------------------------------------------
-# where the model runs: device and precision, for train.py and evaluate.py
-
-def pick_device(name="auto"):
-    """"auto" -> cuda if there is a GPU, else cpu; other names are checked. Example: "cpu" -> device(type='cpu')."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported (use auto, cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} was asked for, but no CUDA GPU is available")
-    return device
-
-def native_bf16(device):
-    """Whether bf16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AMX tiles or AVX512-BF16 (on other
-    CPUs bf16 is emulated and slower than fp32). Example: an AMD EPYC with AVX2 only -> False."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private torch API: absent -> no
-    kernels = torch.backends.cpu.get_cpu_capability()  # what the kernels use: ATEN_CPU_CAPABILITY=avx2 limits it
-    return kernels.startswith(("AVX512", "AMX")) and any(getattr(torch.cpu, f, lambda: False)() for f in probes)
-
-def pick_dtype(device, precision="auto"):
-    """"auto" -> "bf16" where bf16 is native (autocast), else "fp32". Example: (cpu without AMX, "auto") -> "fp32"."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
-    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
 # -----------------------------------------------------------------------------
 # RoPE fused with the q, k, v split

@@ -1,12 +1,12 @@
 """
 Small figures from finished runs (needs matplotlib, which the project itself does not):
 
-    python plot.py figure1 out/harddecay --png docs/figure1.png
+    python -m tools.plot figure1 out/harddecay --png docs/figure1.png
         the paper's Figure 1: average masking probability by frequency rank over training, from amlm.csv
-    python plot.py curves out/uniform out/harddecay --png docs/curves.png
+    python -m tools.plot curves out/uniform out/harddecay --png docs/curves.png
         BLiMP macro accuracy against words seen, from the blimp_*.json files evaluate.py wrote
         (their "accuracy": the mean of the accuracy tasks)
-    python plot.py seeds out/sci/U-1337 out/sci/U-1 out/sci/H-1337 ... --png docs/seeds.png
+    python -m tools.plot seeds out/sci/U-1337 out/sci/U-1 out/sci/H-1337 ... --png docs/seeds.png
         BLiMP-fast and WUG against words seen for runs named <configuration>-<seed>, from the eval_*.json
         files evaluate.py wrote with both tasks: one colour per configuration, one line per seed
 
@@ -87,7 +87,7 @@ if __name__ == "__main__":
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("plot.py needs matplotlib (pip install matplotlib); training and evaluation do not")
+        sys.exit("tools/plot.py needs matplotlib (pip install matplotlib); training and evaluation do not")
     fig, ax = plt.subplots(1, 2 if a.what == "seeds" else 1, figsize=(10 if a.what == "seeds" else 6, 3.6), dpi=90)
     try:
         {"figure1": lambda: figure1(a.runs[0], ax), "curves": lambda: curves(a.runs, ax),

@@ -1,38 +1,29 @@
 """
-Checkpoints and the run folder of amlm: the one loader that train.py, evaluate.py and export.py share, the atomic
-save, restore for --resume, and the run folder's lock. Part of a PyTorch reimplementation of Edman & Fraser,
+Checkpoints of amlm: the one loader that train.py, evaluate.py and export.py share, the atomic save, and restore
+for --resume. Part of a PyTorch reimplementation of Edman & Fraser,
 "Mask and You Shall Receive: Optimizing Masked Language Modeling for Pretraining BabyLMs" (BabyLM 2025).
 
     model, tokenizer, ckpt = load_model("out/run/latest.pt")   # evaluation: a model in eval mode, on the CPU
     ckpt, config, tokenizer = read_checkpoint("out/run/ckpt_5M.pt")   # export: checked, no model built
-    out = open_run(args)                                        # train.py: made and locked before any work
+    save_checkpoint(out, step, ...); restore(load_resume(run), ...)   # train.py: an exact resume
 
 A checkpoint is a dict of plain tensors, numbers and strings, loaded with weights_only=True, so a file never
 executes code. latest.pt holds everything an exact resume needs; ckpt_<N>M.pt (N million words seen) what
 evaluation needs. Every file is written to a temporary name and renamed into place, so a crash or a full disk
 leaves the previous file intact, and a temporary file a killed run left is removed at the next start.
-
-The run folder: one train.py per folder, a lock file (train.lock, holding pid@host) for the run's lifetime; a lock
-whose process is gone from this host is taken over with a warning. A new run refuses a folder that holds one:
---resume continues it, --overwrite deletes the files train.py wrote there first.
 """
-import argparse, errno, functools, hashlib, json, math, os, re, shutil, socket, sys
+import errno, hashlib, json, math, os, shutil, sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from lib.errors import CheckpointError, DataError
 from model import MaskedLM, ModelConfig
-from tokenizer import DataError, Tokenizer
+from tokenizer import Tokenizer
 
-RUN_FILES = re.compile(r"latest\.pt|ckpt_\d+M\.pt|summary\.json|log\.txt|amlm\.csv")  # what train.py writes there
-TEMP_FILES = re.compile(r"(latest\.pt|ckpt_\d+M\.pt|summary\.json)\.tmp\d+")  # ... and its temporary names
 RESUME_NEEDS = ("model", "config", "tokenizer", "args", "step", "optimizer", "amlm", "batches", "rng")
-
-
-class CheckpointError(Exception):
-    """A file that is not a checkpoint of this version, or one that cannot be written, said in one sentence."""
 
 # -----------------------------------------------------------------------------
 # reading: the one loader
@@ -167,22 +158,6 @@ def load_resume(run):
                  "(a ckpt_<N>M.pt holds no optimizer state and cannot be resumed)")
     return {**ck, "path": path, "config": config, "tokenizer": tokenizer}
 
-def resumed_args(get_parser, argv, args, saved, may_change):
-    """The saved run's flags (saved: its args), with those typed now (argv) that may_change allows. Any other typed
-    flag must agree with the saved run, else --resume RUN --lr 0.5 would go on at the old rate without a word.
-    Example: saved lr 0.001, typed --lr 0.5 -> error "... --lr 0.5 (the run has 0.001) ..." """
-    p, q, unset = get_parser(), get_parser(), object()
-    q.set_defaults(**dict.fromkeys(vars(args), unset))  # the same flags with a default no flag gives: what remains was typed
-    typed = {k: v for k, v in vars(q.parse_args(argv)).items() if v is not unset}
-    run = {**{k: p.get_default(k) for k in vars(args)}, **saved, "out": args.resume}  # defaults: flags added since
-    same = lambda k, v: os.path.realpath(v) == os.path.realpath(args.resume) if k == "out" else v == run.get(k)
-    clash = [k for k, v in typed.items() if k not in may_change + ("resume",) and not same(k, v)]
-    if clash:
-        p.error("--resume keeps the saved run's settings, but " + ", ".join(
-            f"--{k.replace('_', '-')} {typed[k]} (the run has {run.get(k)})" for k in clash) + " differ")
-    changed = {k: v for k, v in typed.items() if k in may_change}
-    return argparse.Namespace(**{**run, **changed, "stop_after": args.stop_after, "resume": args.resume, "overwrite": False})
-
 def restore(resume, tokenizer, model, opt, amlm, batches, gen, rank=0, world=1):
     """Load a load_resume() checkpoint into the run's objects and RNGs; returns its step. Each process gets its own
     dropout RNG back when the world size is the one saved (else a fresh one: resuming on another world size is not
@@ -206,131 +181,3 @@ def restore(resume, tokenizer, model, opt, amlm, batches, gen, rank=0, world=1):
     else:
         torch.manual_seed(hash((resume["args"]["seed"], rank, resume["step"])) % 2**63)
     return resume["step"]
-
-# -----------------------------------------------------------------------------
-# the run folder: one process per folder, never overwritten by accident
-
-HELD = []  # (lock file, the run folder if this process made it) for release_run
-
-def open_run(args, rank=0):
-    """The run folder, made and locked: one process per folder, and a new run never replaces an old one by
-    accident (--resume continues it, --overwrite deletes its files first). Sets args.out. Under torchrun only
-    rank 0 touches the folder; the others wait for its verdict (a refusal stops them all).
-    Example: `train.py --out X` while another train.py runs in X -> "error: X is in use by pid 4242@host ..." """
-    out = args.out = args.out or os.path.join("out", f"{os.path.basename(os.path.normpath(args.corpus))}-{args.size}-{args.masking}")
-    if rank != 0:
-        dist.barrier()
-        return out
-    if os.path.exists(out) and not os.path.isdir(out):
-        sys.exit(f"error: --out {out} is a file, not a folder")
-    made = not os.path.exists(out)
-    try:
-        os.makedirs(out, exist_ok=True)
-        take_lock(os.path.join(out, "train.lock"))
-    except OSError as e:
-        sys.exit(f"error: cannot write to the run folder {out} ({e.strerror})")
-    HELD.append((os.path.join(out, "train.lock"), out if made else None))
-    for f in sorted(f for f in os.listdir(out) if TEMP_FILES.fullmatch(f)):  # a killed run's half-written files
-        os.remove(os.path.join(out, f))
-        print(f"note: removed {os.path.join(out, f)}, a temporary file an interrupted run left", file=sys.stderr)
-    found = sorted(f for f in os.listdir(out) if RUN_FILES.fullmatch(f))
-    if found and not args.resume and not args.overwrite:
-        sys.exit(f"error: {out} already holds a run (latest.pt); continue it with --resume {out}, replace it with "
-                 "--overwrite, or pick another --out" if "latest.pt" in found else
-                 f"error: {out} holds files of an earlier run ({', '.join(found)}) but no latest.pt to resume from; "
-                 "replace them with --overwrite, or pick another --out")
-    for f in found if args.overwrite else []:
-        os.remove(os.path.join(out, f))
-    if dist.is_initialized():
-        dist.barrier()  # the folder is ours: the other processes may go on
-    return out
-
-def lock_owner():
-    """What a lock file holds. Example: "4242@gpu-node-3" """
-    return f"{os.getpid()}@{socket.gethostname()}"
-
-def take_lock(path):
-    """Create the lock file, holding pid@host, or exit naming who holds it. A lock left on this host by a process
-    that is gone (killed, or its machine restarted) is taken over with a warning. Example: a lock "999999@here"
-    with no process 999999 -> "warning: taking over ..." and the lock now holds this process."""
-    for _ in range(3):
-        try:
-            with open(path, "x") as f:  # "x": create, or fail if it exists, in one step
-                f.write(lock_owner())
-            return
-        except FileExistsError:
-            pass
-        try:
-            holder = open(path).read().strip()
-        except FileNotFoundError:
-            continue  # released meanwhile: try again
-        pid, _, host = holder.partition("@")
-        if not (host == socket.gethostname() and pid.isdigit() and not alive(int(pid))):
-            sys.exit(f"error: {os.path.dirname(path)} is in use by another train.py (pid {holder or '?'}, see {path}); "
-                     "wait for it, pick another --out, or delete the lock file if that process is gone")
-        print(f"warning: taking over {path}, left by pid {pid}, which is no longer running", file=sys.stderr)
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-    sys.exit(f"error: {os.path.dirname(path)} is being claimed by another train.py at the same moment")
-
-def alive(pid):
-    """Whether a process with this pid exists on this host. Example: alive(os.getpid()) -> True"""
-    try:
-        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, and belongs to someone else
-    return True
-
-def release_run():
-    """Remove this process's lock files, and a run folder it made and left empty (a run refused early).
-    Example: a new run refused for a bad flag after open_run made out/x -> out/x is gone again."""
-    while HELD:
-        lock, made = HELD.pop()
-        try:
-            if open(lock).read() == lock_owner():
-                os.remove(lock)
-            if made:
-                os.rmdir(made)
-        except OSError:
-            pass  # not ours any more, or the folder holds files: keep it
-
-def releases_run(main):
-    """main, ended the same way however it ends: a return, sys.exit, Ctrl-C before the training loop (which handles
-    Ctrl-C itself; this one exits 130 with one line), a checkpoint or log that cannot be written (a full disk: one
-    sentence). The run folder is released. Under torchrun the process then destroys its process group and leaves
-    with os._exit: a gloo worker thread can still hold the last reference to a tensor of the last collective, and if
-    it drops it while the interpreter shuts down it cannot take the GIL and the process aborts (C++ terminate); DDP
-    keeps the group, and so those threads, alive until then. Example: a full disk -> exit 1, "error: ... (No space
-    left on device)"."""
-    @functools.wraps(main)
-    def wrapped(argv=None):
-        code, finished = 0, False
-        try:
-            code = main(argv) or 0
-            finished = True
-        except KeyboardInterrupt:
-            print("interrupted before training started; nothing was saved", file=sys.stderr)
-            code = 130
-        except CheckpointError as e:
-            code = f"error: {e}"
-        except OSError as e:  # log.txt, amlm.csv or summary.json on a full disk
-            code = f"error: {e.strerror or e}: {e.filename or 'the run folder'}"
-        except SystemExit as e:
-            code = e.code
-        finally:
-            release_run()
-        if dist.is_initialized():
-            if finished:
-                dist.barrier()  # every process got to the end, and rank 0 may still be writing a checkpoint
-            dist.destroy_process_group()
-            if isinstance(code, str):
-                print(code, file=sys.stderr)
-            sys.stdout.flush(), sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 1)
-        if code:
-            sys.exit(code)
-    return wrapped

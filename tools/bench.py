@@ -2,13 +2,13 @@
 Benchmarks (not tests) for amlm, a PyTorch reimplementation of Edman & Fraser, "Mask and You Shall
 Receive: Optimizing Masked Language Modeling for Pretraining BabyLMs" (BabyLM 2025).
 
-    python bench.py model [--rounds 7] [--dtypes fp32,bf16] [--compile]
+    python -m tools.bench model [--rounds 7] [--dtypes fp32,bf16] [--compile]
         training-step throughput of fast.py's FastMaskedLM and model.py's MaskedLM (with --compile also the plain
         model under torch.compile), N-hot on and off, and Hugging Face's BertForMaskedLM of the same shape when
         transformers is installed (a benchmark-only peer)
-    python bench.py pieces [--repeat 20]
+    python -m tools.bench pieces [--repeat 20]
         each speed piece of fast.py against its plain twin, forward + backward, at the model benchmark's shape
-    python bench.py data --corpus babylm_10M --vocab-size 16384 [--data-dir /tmp/bench_data]
+    python -m tools.bench data --corpus babylm_10M --vocab-size 16384 [--data-dir /tmp/bench_data]
         a cold `python data.py` (tokenizer training + encoding) into a fresh data dir, then a cache hit
 
 The model benchmark: 4 layers, d_model 256, 4 heads, d_ff 1024, vocab 16384, dropout 0.1, batches of
@@ -20,7 +20,7 @@ import argparse, os, re, shutil, statistics, subprocess, sys, time
 
 import torch
 
-L, H, A, F, V, T, B, P = 4, 256, 4, 1024, 16384, 128, 32, 0.15
+N_LAYER, D_MODEL, N_HEAD, D_FF, V, T, B, P = 4, 256, 4, 1024, 16384, 128, 32, 0.15  # the shape, batch and mask rate
 
 # -----------------------------------------------------------------------------
 # model: training-step throughput
@@ -31,19 +31,19 @@ def masked_batch(gen):
     return torch.where(sel, 4, x), torch.where(sel, x, -100)
 
 def ours(fast=True, nhot=False):
-    from fast import FastMaskedLM
+    from lib.fast import FastMaskedLM
     from model import MaskedLM, ModelConfig
     table = None
     if nhot:  # 6 units per token, about what a 4-5 character word's 1- to 3-grams give after pruning
         table = torch.randint(0, 4096, (V, 8), generator=torch.Generator().manual_seed(1))
         table[:, 6:], table[:5] = -1, -1
-    m = (FastMaskedLM if fast else MaskedLM)(ModelConfig(vocab_size=V, n_layer=L, n_head=A, d_model=H, d_ff=F, max_len=T, dropout=0.1), table)
+    m = (FastMaskedLM if fast else MaskedLM)(ModelConfig(vocab_size=V, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL, d_ff=D_FF, max_len=T, dropout=0.1), table)
     return m, lambda inp, lab: m(inp, labels=lab)[1]
 
 def bert():
     from transformers import BertConfig, BertForMaskedLM
-    m = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=A,
-                                   intermediate_size=F, max_position_embeddings=T, attn_implementation="sdpa"))
+    m = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=D_MODEL, num_hidden_layers=N_LAYER, num_attention_heads=N_HEAD,
+                                   intermediate_size=D_FF, max_position_embeddings=T, attn_implementation="sdpa"))
     return m, lambda inp, lab: m(input_ids=inp, labels=lab).loss
 
 def runner(model, loss_fn, bf16):
@@ -102,19 +102,20 @@ def bench_model(a):
 
 def pieces():
     """(name, plain twin, fast piece) triples: functions of no arguments that run forward + backward once."""
-    import fast, model as plain
+    from lib import fast
+    import model as plain
     torch.manual_seed(0)
-    hd, n = H // A, int(B * T * P)
-    qkv = torch.randn(B, T, 3 * A, hd, requires_grad=True)
+    hd, n = D_MODEL // N_HEAD, int(B * T * P)
+    qkv = torch.randn(B, T, 3 * N_HEAD, hd, requires_grad=True)
     cos, sin = plain.rope_tables(T, hd, "cpu")
     def rope_plain():
-        q, k, v = qkv.view(B, T, 3, A, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.view(B, T, 3, N_HEAD, hd).permute(2, 0, 3, 1, 4)
         (plain.apply_rope(q, cos, sin) * hd ** -0.5 + plain.apply_rope(k, cos, sin) + v).sum().backward()
     def rope_fast():
         q, k, v = fast.RotaryQKV.apply(qkv, cos, sin, hd ** -0.5)
         (q + k + v).sum().backward()
-    x, y = torch.randn(B, T, H, requires_grad=True), torch.randn(B, T, H, requires_grad=True)
-    h, E, b = torch.randn(n, H, requires_grad=True), torch.randn(V, H, requires_grad=True), torch.zeros(V, requires_grad=True)
+    x, y = torch.randn(B, T, D_MODEL, requires_grad=True), torch.randn(B, T, D_MODEL, requires_grad=True)
+    h, E, b = torch.randn(n, D_MODEL, requires_grad=True), torch.randn(V, D_MODEL, requires_grad=True), torch.zeros(V, requires_grad=True)
     t = torch.randint(5, V, (n,))
     m = ours(nhot=True)[0]
     def lce_plain():
@@ -130,7 +131,7 @@ def pieces():
             ("N-hot sum (6 units/token)", nhot_plain, lambda: fast.nhot_sum(m).sum().backward())]
 
 def bench_pieces(a):
-    print(f"forward + backward, median of {a.repeat} calls, {torch.get_num_threads()} threads, shape of `bench.py model`")
+    print(f"forward + backward, median of {a.repeat} calls, {torch.get_num_threads()} threads, shape of `python -m tools.bench model`")
     for name, slow, quick in pieces():
         times = []
         for f in (slow, quick):
