@@ -51,7 +51,7 @@ def read_checkpoint(path, mmap=False):
     if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= ckpt.keys():
         raise CheckpointError(f"{path} is not an amlm checkpoint (it needs the keys model, config and tokenizer)")
     mismatch = f"{path} does not match this version of model.py/tokenizer.py"
-    try:  # older checkpoints saved fast.py's switch in the config: it was a way to run, not part of the model
+    try:  # a config may hold "fast", lib/fast.py's switch: a way to run, not part of the model
         config = ModelConfig(**{k: v for k, v in ckpt["config"].items() if k != "fast"})
         tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
         want = expected_shapes(config)

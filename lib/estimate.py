@@ -22,8 +22,8 @@ CPU_SIZED = dict(size="tiny", vocab_size=16384, batch_tokens=8192, max_steps=245
 def seconds_per_token(model, seq_lens, tokens, device, autocast, rate):
     """{T: seconds of one forward + backward pass per token at sequence length T}, timed on `tokens` tokens of random
     ids with a fraction `rate` of them masked, after a warm-up pass; the model's gradients are cleared after (its
-    dropout draws come from the global RNG: estimate_lines restores it). Example: the tiny shape on 2 CPU cores,
-    [64, 256], 2,048 tokens -> {64: 1.6e-4, 256: 2.1e-4}."""
+    dropout draws come from the global RNG: estimate_lines restores it). Example: the tiny shape, [64, 256],
+    2,048 tokens -> {64: 1.6e-4, 256: 2.1e-4} (seconds; longer rows cost more per token)."""
     g, V, out = torch.Generator().manual_seed(0), model.config.vocab_size, {}
     for T in sorted(set(seq_lens)):
         for rows in (1, max(1, tokens // T)):  # the first pass warms up; the second is timed

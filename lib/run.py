@@ -57,7 +57,7 @@ def pick_dtype(device, precision="auto"):
 # -----------------------------------------------------------------------------
 # the run folder: one process per folder, never overwritten by accident
 
-HELD = []  # (lock file, the run folder if this process made it) for release_run
+HELD = []  # (lock file, the folders this process made for it, deepest first) for release_run
 
 def open_run(args, rank=0):
     """The run folder, made and locked: one process per folder, and a new run never replaces an old one by
@@ -70,13 +70,16 @@ def open_run(args, rank=0):
         return out
     if os.path.exists(out) and not os.path.isdir(out):
         sys.exit(f"error: --out {out} is a file, not a folder")
-    made = not os.path.exists(out)
+    made, d = [], os.path.abspath(out)
+    while not os.path.exists(d):  # out/ and out/<run> when neither exists: both go again if the run is refused
+        made.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(out, exist_ok=True)
         take_lock(os.path.join(out, "train.lock"))
     except OSError as e:
         sys.exit(f"error: cannot write to the run folder {out} ({e.strerror})")
-    HELD.append((os.path.join(out, "train.lock"), out if made else None))
+    HELD.append((os.path.join(out, "train.lock"), made))
     for f in sorted(f for f in os.listdir(out) if TEMP_FILES.fullmatch(f)):  # a killed run's half-written files
         os.remove(os.path.join(out, f))
         print(f"note: removed {os.path.join(out, f)}, a temporary file an interrupted run left", file=sys.stderr)
@@ -133,17 +136,17 @@ def alive(pid):
     return True
 
 def release_run():
-    """Remove this process's lock files, and a run folder it made and left empty (a run refused early).
-    Example: a new run refused for a bad flag after open_run made out/x -> out/x is gone again."""
+    """Remove this process's lock files, and the folders it made for a run that left them empty (a run refused early).
+    Example: a new run refused for a bad flag after open_run made out/ and out/x -> both are gone again."""
     while HELD:
         lock, made = HELD.pop()
         try:
             if open(lock).read() == lock_owner():
                 os.remove(lock)
-            if made:
-                os.rmdir(made)
+            for folder in made:
+                os.rmdir(folder)
         except OSError:
-            pass  # not ours any more, or the folder holds files: keep it
+            pass  # not ours any more, or the folder holds files: keep it and those above it
 
 def releases_run(main):
     """main, ended the same way however it ends: a return, sys.exit, Ctrl-C before the training loop (which handles

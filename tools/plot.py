@@ -19,8 +19,8 @@ from amlm import BUCKET_KEYS, BUCKET_LABELS
 
 def figure1(run, ax):
     """A position's probability is about w * current rate / the rate the weights are scaled to (each row is
-    rescaled to the current rate when masking); amlm.csv's "rate" column says that scale (files without it
-    kept the weights at the starting rate)."""
+    rescaled to the current rate when masking); amlm.csv's "rate" column says that scale (a file without the
+    column has its weights at the starting rate)."""
     rows = list(csv.DictReader(open(os.path.join(run, "amlm.csv"))))
     start = json.load(open(os.path.join(run, "summary.json")))["config"]["mask_rate_start"]
     steps = [int(r["step"]) for r in rows]
@@ -36,9 +36,9 @@ def curves(runs, ax):
         pts = []
         for f in glob.glob(os.path.join(run, "blimp_*.json")):
             res = json.load(open(f))
-            words = res.get("words_seen")  # older result files only have it in their name: blimp_<N>M.json
+            words = res.get("words_seen")  # a file without it has it in its name: blimp_<N>M.json
             x = words / 1e6 if words is not None else int(re.search(r"blimp_(\d+)M", f).group(1))
-            pts.append((x, res["accuracy"] if "accuracy" in res else res["overall"]))  # older files: "overall"
+            pts.append((x, res["accuracy"] if "accuracy" in res else res["overall"]))  # "overall": the same, another key
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=os.path.basename(os.path.normpath(run)))
     ax.axhline(50, color="grey", lw=0.5)
