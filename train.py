@@ -22,7 +22,7 @@ import data
 import evaluate
 from amlm import AMLM, METRICS, mask_rate
 from lib import ddp
-from lib.checkpoint import load_resume, restore, save_checkpoint, write_json
+from lib.checkpoint import check_resume_point, load_resume, restore, save_checkpoint, write_json
 from lib.errors import UserError
 from lib.estimate import estimate_lines
 from lib.fast import FastMaskedLM
@@ -205,6 +205,17 @@ def seq_len_at(step, total, lengths):
     """Equal shares of the steps for each length. Example: total=10, [64, 256] -> steps 0-4: 64, 5-9: 256."""
     return lengths[min(len(lengths) - 1, step * len(lengths) // max(1, total))]
 
+def total_steps(args, epoch_tokens):
+    """--max-steps, else the optimizer steps that --epochs takes; an --epochs that rounds to 0 steps is refused.
+    Example: --epochs 2, 1,000,000 tokens an epoch, --batch-tokens 8192 -> 244."""
+    if args.max_steps is not None:
+        return args.max_steps
+    total = int(args.epochs * epoch_tokens // args.batch_tokens)
+    if total == 0:
+        sys.exit(f"error: --epochs {args.epochs} is 0 steps of {args.batch_tokens} tokens on this corpus "
+                 f"({epoch_tokens:,} tokens an epoch); give a larger --epochs, or --max-steps 0 for an untrained model")
+    return total
+
 def milestones_words():
     """BabyLM checkpoints: every 1 M words up to 10 M, then every 10 M up to 100 M (and beyond)."""
     return [m * 1_000_000 for m in list(range(1, 10)) + list(range(10, 1001, 10))]
@@ -264,17 +275,6 @@ def validation_loss(model, val, masker, args, autocast):
     model.train()
     return total / max(1, count)
 
-def check_resume_point(step, total, args):
-    """A resumed run must have steps left: at its end there is nothing to do (exit 0, no file touched), and a
-    --max-steps below the step reached is refused. Example: step 60 of 60 -> "... already finished at step 60 ..." """
-    if step == total:
-        print(f"{args.out} already finished at step {step}; nothing to do", file=sys.stderr)
-        sys.exit(0)
-    if step > total:
-        sys.exit(f"error: {args.out} is at step {step}, past the {total} steps that " +
-                 (f"--max-steps {args.max_steps}" if args.max_steps is not None else f"--epochs {args.epochs}") +
-                 " give; a run cannot go back: give a --max-steps of at least its step, or start a new run")
-
 @releases_run
 def main(argv=None):
     args, shape, resume = parse_args(argv)
@@ -283,11 +283,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     d = load_data(args, rank)
     batches = data.Batches(d.train, block_size=max(args.seq_lens), seed=args.seed)  # the same global stream everywhere
-    epoch_tokens = batches.n_blocks * batches.block_size
-    total = args.max_steps if args.max_steps is not None else int(args.epochs * epoch_tokens // args.batch_tokens)
-    if total == 0 and args.max_steps is None:
-        sys.exit(f"error: --epochs {args.epochs} is 0 steps of {args.batch_tokens} tokens on this corpus "
-                 f"({epoch_tokens:,} tokens an epoch); give a larger --epochs, or --max-steps 0 for an untrained model")
+    total = total_steps(args, epoch_tokens=batches.n_blocks * batches.block_size)
     warmup = max(1, int(args.warmup * total) if args.warmup < 1 else int(args.warmup))
     words_at = lambda step: int(step * args.batch_tokens * d.n_train_words / max(1, d.n_train_tokens))
     model, opt, amlm, val_masker = build(args, shape, d)

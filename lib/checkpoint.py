@@ -158,6 +158,17 @@ def load_resume(run):
                  "(a ckpt_<N>M.pt holds no optimizer state and cannot be resumed)")
     return {**ck, "path": path, "config": config, "tokenizer": tokenizer}
 
+def check_resume_point(step, total, args):
+    """A resumed run must have steps left: at its end there is nothing to do (exit 0, no file touched), and a
+    --max-steps below the step reached is refused. Example: step 60 of 60 -> "... already finished at step 60 ..." """
+    if step == total:
+        print(f"{args.out} already finished at step {step}; nothing to do", file=sys.stderr)
+        sys.exit(0)
+    if step > total:
+        sys.exit(f"error: {args.out} is at step {step}, past the {total} steps that " +
+                 (f"--max-steps {args.max_steps}" if args.max_steps is not None else f"--epochs {args.epochs}") +
+                 " give; a run cannot go back: give a --max-steps of at least its step, or start a new run")
+
 def restore(resume, tokenizer, model, opt, amlm, batches, gen, rank=0, world=1):
     """Load a load_resume() checkpoint into the run's objects and RNGs; returns its step. Each process gets its own
     dropout RNG back when the world size is the one saved (else a fresh one: resuming on another world size is not

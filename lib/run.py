@@ -70,6 +70,10 @@ def open_run(args, rank=0):
         return out
     if os.path.exists(out) and not os.path.isdir(out):
         sys.exit(f"error: --out {out} is a file, not a folder")
+    corpus = os.path.realpath(args.corpus)
+    if os.path.isdir(args.corpus) and os.path.commonpath([corpus, os.path.realpath(out)]) == corpus:
+        sys.exit(f"error: --out {out} is inside the corpus folder {args.corpus}; a run folder there would mix the run's "
+                 "files with the text it trains on: pick an --out outside it")
     made, d = [], os.path.abspath(out)
     while not os.path.exists(d):  # out/ and out/<run> when neither exists: both go again if the run is refused
         made.append(d)
@@ -89,11 +93,23 @@ def open_run(args, rank=0):
                  "--overwrite, or pick another --out" if "latest.pt" in found else
                  f"error: {out} holds files of an earlier run ({', '.join(found)}) but no latest.pt to resume from; "
                  "replace them with --overwrite, or pick another --out")
+    if found and args.overwrite and not wrote_by_train(out):
+        sys.exit(f"error: --overwrite deletes only a run train.py wrote, but {out}/log.txt is missing or not train.py's "
+                 f"(it would delete {', '.join(found)}): move those files yourself, or pick another --out")
     for f in found if args.overwrite else []:
         os.remove(os.path.join(out, f))
     if dist.is_initialized():
         dist.barrier()  # the folder is ours: the other processes may go on
     return out
+
+def wrote_by_train(folder):
+    """Whether folder is a run train.py wrote: its log.txt opens with train.py's "config: " line (written before any
+    other file of a run). Example: a finished run's folder -> True; a folder whose log.txt says "old" -> False."""
+    try:
+        with open(os.path.join(folder, "log.txt"), "rb") as f:
+            return f.read(8) == b"config: "
+    except OSError:
+        return False
 
 def lock_owner():
     """What a lock file holds. Example: "4242@gpu-node-3" """
