@@ -5,29 +5,30 @@ Adaptive masked language modeling (AMLM): the masking curriculum of Edman & Fras
 Plain MLM selects every token with the same probability p (0.15). AMLM gives every vocabulary
 type a masking weight w_i (starting at p) and, every `update_every` optimizer steps, moves the
 weights of types the model still predicts wrongly up and those it has learned down, so the
-prediction budget flows to what is still hard. p itself may decay over training (`mask_rate`);
+prediction budget flows to what is still difficult. p itself may decay over training (`mask_rate`);
 the paper's best configuration ("hard decay") goes from 0.40 to 0.15.
 metric="uniform" switches adaptation off (every weight stays p): the baseline runs the same code.
 
-In a training loop:
+In a training loop (train.py's main() is this loop, with gradient accumulation and the hooks):
 
     am = AMLM(vocab_size, special_ids=[PAD, CLS, SEP, MASK], mask_id=MASK, rate=0.40)
     g = torch.Generator().manual_seed(0)
     for step in range(total_steps):
-        inputs, labels = am.mask(batch, rate=mask_rate(step, total_steps, 0.40, 0.15), generator=g)
+        p = mask_rate(step, total_steps, 0.40, 0.15)  # the decaying mask rate
+        inputs, labels = am.mask(batch, rate=p, generator=g)
         logits, loss = model(inputs, labels=labels)   # logits (n_labelled, V)
         am.observe(labels, logits, inputs)            # statistics, no grad
         loss.backward(); opt.step(); opt.zero_grad()
-        am.step()                                     # every update_every steps: new weights
+        am.step(rate=p)                               # every update_every steps: new weights, rescaled to p
 
-Checks: python -m pytest test_amlm.py
+Checks: python -m pytest test_amlm.py ; a toy version with plain loops: python toy_amlm.py
 """
 import math
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
 
-METRICS = ("hard", "soft", "uniform")
 # frequency-rank buckets for diagnostics: ranks 1-10, 11-100, 101-1k, 1k-10k, >10k (upper edges inclusive)
 BUCKET_EDGES = (10, 100, 1000, 10000)
 BUCKET_KEYS = ("1_10", "11_100", "101_1k", "1k_10k", "10k_plus")
@@ -58,6 +59,62 @@ def mask_rate(step, total_steps, start, end):
     return start + (end - start) * frac
 
 # -----------------------------------------------------------------------------
+# the metrics: how well the model masters each type, from statistics gathered during training
+#
+# The names are the paper's: "hard" scores a type by top-1 accuracy (a 0/1 hit per position), "soft" by
+# cross-entropy; "uniform" keeps nothing and never moves the weights (plain MLM on the same code path). They say
+# how a type is scored, not which types are difficult: the difficult types are those with a low mastery, and
+# they are masked most. A metric is one entry of METRICS; everything else (allocation, device moves, the
+# update's reset, all_reduce, checkpoints) follows from the entries.
+
+def hard_add(logits, y):
+    """What each labelled position adds to its type's statistics: a top-1 hit (0/1) and a count.
+    Example: logits [[1., 3.], [2., 0.]], y [1, 1] -> {"correct": [1, 0], "total": [1, 1]}"""
+    return {"correct": top1_hits(logits, y).long(), "total": torch.ones_like(y)}
+
+def hard_mastery(s, maskable):
+    """Smoothed top-1 accuracy (correct + 0.5) / (total + 1): an unseen type scores 0.5.
+    Example: correct 3 of total 4 -> 3.5 / 5 = 0.7 ; 0 of 9 -> 0.05"""
+    return (s["correct"] + 0.5).float() / (s["total"] + 1).float()
+
+def hard_fit(s):
+    """The window's positions and accuracy. Example: correct [1, 0], total [1, 1] -> {"observed": 2, "acc": 0.5}"""
+    n = int(s["total"].sum())
+    return {"observed": n, "acc": int(s["correct"].sum()) / max(n, 1)}
+
+def soft_add(logits, y):
+    """Each labelled position's cross-entropy and a count. Example: uniform logits over V = 4 -> ce_sum += ln 4"""
+    return {"ce_sum": F.cross_entropy(logits.float(), y, reduction="none"), "ce_count": torch.ones_like(y)}
+
+def soft_mastery(s, maskable):
+    """1 - minmax(mean cross-entropy) over the normal types, each mean including one pseudo-observation at the
+    uniform-guess loss ln V, so an unseen type counts as difficult (ln V is near the top of the range). The
+    pseudo-observation is added here rather than stored, so all_reduce() counts it once.
+    Example: means 0.1 (type a), 2.0 (b), 1.05 (c) -> a 1.0, b 0.0, c 0.5"""
+    mean = (s["ce_sum"] + math.log(len(maskable))) / (s["ce_count"] + 1).float()
+    lo, hi = mean.masked_fill(~maskable, math.inf).min(), mean.masked_fill(~maskable, -math.inf).max()
+    # every type equally difficult (e.g. nothing observed): neutral 0.5, the update then keeps relative weights
+    return torch.where(hi > lo, 1 - (mean - lo) / (hi - lo).clamp_min(1e-12), 0.5)
+
+def soft_fit(s):
+    """The window's [MASK]ed positions and mean cross-entropy. Example: ce_sum [2.0], ce_count [4] -> "ce" 0.5"""
+    n = int(s["ce_count"].sum())
+    return {"observed": n, "ce": float(s["ce_sum"].sum()) / max(n, 1)}
+
+# stats: statistic name -> dtype, one value per type (int64 counts, float32 sums: the paper's bfloat16 stops
+# counting past 256); add(logits, y) -> {statistic: (n,) values, one per labelled position}; mastery(stats,
+# maskable) -> (V,) in [0, 1], 1 = learned, 0 = never right; fit(stats) -> {"observed": n, "acc" or "ce": ...}
+# for the log; mask_only: count only the positions whose input is [MASK] (the paper's soft metric does)
+Metric = namedtuple("Metric", "stats add mastery fit mask_only")
+METRICS = {
+    "hard": Metric({"correct": torch.long, "total": torch.long}, hard_add, hard_mastery, hard_fit, mask_only=False),
+    "soft": Metric({"ce_sum": torch.float32, "ce_count": torch.long}, soft_add, soft_mastery, soft_fit, mask_only=True),
+    "uniform": Metric({}, None, None, None, mask_only=False),
+}
+# every metric's statistics, held by every instance: a checkpoint has the same keys whichever metric wrote it
+STATISTICS = {name: dtype for m in METRICS.values() for name, dtype in m.stats.items()}
+
+# -----------------------------------------------------------------------------
 
 class AMLM:
     """Per-type masking weights, their statistics and update, and budgeted mask sampling.
@@ -66,7 +123,7 @@ class AMLM:
     mask_id is always added). Special types keep weight 0 and are left out of every mean, so
     `weights[maskable].mean() == rate` holds at all times. rate: the starting mask rate p; each update rescales the
     weights to the rate it is given (the decaying one), and `rate` follows it.
-    metric: "hard" (top-1 accuracy), "soft" (cross-entropy) or "uniform" (no adaptation).
+    metric: a key of METRICS, "hard" (top-1 accuracy), "soft" (cross-entropy) or "uniform" (no adaptation).
     ema: weight of the OLD value in the update. min_weight: floor on any weight (must lie in (0, rate]).
     frequencies: (V,) counts of each type in the training data, only used to rank types in diagnostics().
     """
@@ -80,7 +137,7 @@ class AMLM:
         if not 0 < rate < 1:
             raise ValueError(f"rate must lie in (0, 1), got {rate}")
         if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+            raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
         if not 0 <= ema < 1:
             raise ValueError(f"ema must lie in [0, 1), got {ema}")
         if int(update_every) < 1:
@@ -91,17 +148,16 @@ class AMLM:
         self.ema, self.update_every, self.min_weight = float(ema), int(update_every), float(min_weight)
         self.maskable = torch.ones(V, dtype=torch.bool)
         self.maskable[specials] = False
-        self.replacements = self.maskable.nonzero().squeeze(1)  # ids the 10 % random replacement draws from
+        self.normal = self.maskable.nonzero().squeeze(1)  # the normal (non-special) types: every mean is over these
+        self.n_normal = len(self.normal)
+        self.replacements = self.normal  # ids the 10 % random replacement draws from: the normal types
         self.weights = torch.where(self.maskable, self.rate, 0.0).float()
-        # statistics since the last update: int64 counts, float32 sums (the paper's bfloat16 rounds large counts)
-        self.correct = torch.zeros(V, dtype=torch.long)   # hard: top-1 hits per type
-        self.total = torch.zeros(V, dtype=torch.long)     # hard: selected positions per type
-        self.ce_sum = torch.zeros(V)                      # soft: summed cross-entropy per type
-        self.ce_count = torch.zeros(V, dtype=torch.long)  # soft: [MASK]ed positions per type
+        for name, dtype in STATISTICS.items():  # statistics since the last update, one value per type
+            setattr(self, name, torch.zeros(V, dtype=dtype))
         self.steps, self.updates = 0, 0
         self.last = {"observed": 0, "acc": math.nan, "ce": math.nan}  # the window before the latest update
         # diagnostics only: normal types from most to least frequent (by id when no counts are given), on CPU
-        self.order = self.replacements.clone()
+        self.order = self.normal.clone()
         if frequencies is not None:
             f = torch.as_tensor(frequencies, dtype=torch.float64).flatten()
             if f.numel() != V:
@@ -110,10 +166,17 @@ class AMLM:
         ranks = torch.arange(1, len(self.order) + 1)
         self.bucket = torch.bucketize(ranks, torch.tensor(BUCKET_EDGES))  # bucket index of order[k]
 
+    def stats(self):
+        """The statistics as {name: (V,) tensor}: every metric's (see STATISTICS), the tensors themselves, not copies.
+        Example: a new AMLM(3, [0], 1) -> {"correct": [0, 0, 0], "total": [0, 0, 0], "ce_sum": [0., 0., 0.],
+        "ce_count": [0, 0, 0]}"""
+        return {name: getattr(self, name) for name in STATISTICS}
+
     def to(self, device):
         """Move weights and statistics to `device` (the model's); returns self."""
-        for name in ("maskable", "replacements", "weights", "correct", "total", "ce_sum", "ce_count"):
+        for name in ("maskable", "normal", "weights", *STATISTICS):
             setattr(self, name, getattr(self, name).to(device))
+        self.replacements = self.normal
         return self
 
     # -------------------------------------------------------------------------
@@ -180,7 +243,8 @@ class AMLM:
         [MASK] (as in the paper), which needs `inputs`; without it soft counts every labelled position.
         Costs one row-max (hard) or one cross-entropy (soft) over the labelled logits; uniform does nothing.
         Example: labels [[-100, 7, -100, 9]] and logits predicting 7 and 3 -> total[7]=1, correct[7]=1, total[9]=1."""
-        if self.metric == "uniform":
+        metric = METRICS[self.metric]
+        if metric.add is None:
             return
         sel = labels != -100
         y = labels[sel]
@@ -189,31 +253,21 @@ class AMLM:
             logits = logits[sel]
         if logits.shape[0] != y.numel():
             raise ValueError(f"got {logits.shape[0]} logit rows for {y.numel()} labelled positions")
-        if self.metric == "hard":
-            hit = top1_hits(logits, y)
-            self.total.index_add_(0, y, torch.ones_like(y))
-            self.correct.index_add_(0, y, hit.long())
-            return
-        ce = F.cross_entropy(logits.float(), y, reduction="none")
-        if inputs is not None:  # soft: only [MASK]ed positions, the random/kept 10 % + 10 % are skipped
-            keep = inputs[sel] == self.mask_id  # (selecting after the CE is cheaper than copying the logits)
-            y, ce = y[keep], ce[keep]
-        self.ce_sum.index_add_(0, y, ce)
-        self.ce_count.index_add_(0, y, torch.ones_like(y))
+        added = metric.add(logits, y)
+        if metric.mask_only and inputs is not None:  # the random/kept 10 % + 10 % are skipped
+            keep = inputs[sel] == self.mask_id  # (selecting after the metric is cheaper than copying the logits)
+            y, added = y[keep], {name: v[keep] for name, v in added.items()}
+        for name, v in added.items():
+            getattr(self, name).index_add_(0, y, v)
 
-    def scores(self):
-        """(V,) difficulty score in [0, 1] per type from the current statistics, 1 = learned.
-        hard: (correct + 0.5) / (total + 1), an unseen type scores 0.5.
-        soft: 1 - minmax(mean cross-entropy) over the normal types, each mean including one pseudo-observation
-        at the uniform-guess loss ln V, so an unseen type counts as hard (ln V is near the top of the range).
-        The pseudo-observation is added here rather than stored, so all_reduce() counts it once.
-        Example (hard): correct 3 of total 4 -> 3.5 / 5 = 0.7."""
-        if self.metric == "hard":
-            return (self.correct + 0.5).float() / (self.total + 1).float()
-        mean = (self.ce_sum + math.log(self.vocab_size)) / (self.ce_count + 1).float()
-        lo, hi = mean.masked_fill(~self.maskable, math.inf).min(), mean.masked_fill(~self.maskable, -math.inf).max()
-        # every type equally hard (e.g. nothing observed): neutral 0.5, the update then keeps relative weights
-        return torch.where(hi > lo, 1 - (mean - lo) / (hi - lo).clamp_min(1e-12), 0.5)
+    def mastery(self):
+        """(V,) mastery in [0, 1] per type from the current statistics: 1 = learned, 0 = never right; the update
+        masks a type in proportion to 1 - mastery. hard: (correct + 0.5) / (total + 1), an unseen type scores 0.5;
+        soft: 1 - minmax(mean cross-entropy), see soft_mastery. Example (hard): correct 3 of total 4 -> 0.7."""
+        metric = METRICS[self.metric]
+        if metric.mastery is None:
+            raise ValueError(f"metric {self.metric!r} keeps no statistics and has no mastery")
+        return metric.mastery(self.stats(), self.maskable)
 
     def step(self, rate=None):
         """Call once per optimizer step (after all micro-batches were observed), with the mask rate that step
@@ -224,35 +278,39 @@ class AMLM:
 
     @torch.no_grad()
     def update(self, rate=None):
-        """Move the weights toward the current difficulty (step() calls this), then reset the statistics.
+        """Move the weights toward the current mastery (step() calls this), then reset the statistics.
         p is the mask rate in force now (the decaying one; the last rate if None):
 
-            q_i = p * (1 - score_i)              proposal: hard types (low score) get more
+            q_i = p * (1 - mastery_i)            proposal: difficult types (low mastery) get more
             w_i <- ema * w_i + (1 - ema) * q_i   ema = 0.2 weights the OLD value
             w_i <- max(w_i, min_weight)          nothing is ever switched off
             w   <- w * p / mean(w)               mean over the normal types is p again
 
         Example (hard, p = 0.15, ema = 0.2, two types at w = 0.15):
-            type A, 9 right of 9: score 9.5/10 = 0.95, q = 0.0075, w = 0.03 + 0.006 = 0.036
-            type B, 0 right of 9: score 0.5/10 = 0.05, q = 0.1425, w = 0.03 + 0.114 = 0.144
+            type A, 9 right of 9: mastery 9.5/10 = 0.95, q = 0.0075, w = 0.03 + 0.006 = 0.036
+            type B, 0 right of 9: mastery 0.5/10 = 0.05, q = 0.1425, w = 0.03 + 0.114 = 0.144
             no clamp; mean 0.09, rescale by 0.15/0.09: w_A = 0.06, w_B = 0.24 (B is now chosen 4x as often).
         As in the paper's code, the weights follow the decaying rate, so the floor min_weight is a larger share
-        of the mean as p falls: 1/80 of it at p = 0.40, 1/30 at p = 0.15. Example: at p = 0.10, a learned type
-        at w = 0.01 that proposes q = 0 gets 0.2 * 0.01 = 0.002 -> floored to 0.005, 1/20 of the mean."""
+        of the mean as p falls: 1/80 of it at p = 0.40, 1/30 at p = 0.15. The floor comes before the rescale, so a
+        floored type ends above min_weight when the rescale scales up. Example: at p = 0.10, a learned type at
+        w = 0.01 that proposes q ~ 0 gets 0.2 * 0.01 = 0.002 -> floored to 0.005; beside one unseen type at
+        w = 0.19 (0.078 after the EMA) the rescale by 0.10 / 0.0415 lifts it to 0.012.
+
+        Sampling uses only the relative weights (probabilities() rescales each row to its budget), and the rescale
+        changes the EMA's effective mix. If the weights have mean p and the mean mastery is m (no floor), the
+        mean before the rescale is p * (ema + (1 - ema) * (1 - m)), so the old weight's share of the new one is
+        ema / (ema + (1 - ema) * (1 - m)): 0.2 at m = 0 (nothing learned), 1/3 at m = 0.5, 0.56 at m = 0.8.
+        The better the model, the more slowly the relative weights move."""
+        metric = METRICS[self.metric]
         self.all_reduce()
-        if self.metric == "hard":
-            n = int(self.total.sum())
-            self.last = {"observed": n, "acc": int(self.correct.sum()) / max(n, 1), "ce": math.nan}
-        elif self.metric == "soft":
-            n = int(self.ce_count.sum())
-            self.last = {"observed": n, "acc": math.nan, "ce": float(self.ce_sum.sum()) / max(n, 1)}
-        if self.metric != "uniform":
+        if metric.mastery is not None:
+            self.last = {"observed": 0, "acc": math.nan, "ce": math.nan, **metric.fit(self.stats())}
             p = self.rate = self.rate if rate is None else float(rate)
-            q = p * (1 - self.scores())
+            q = p * (1 - self.mastery())
             w = (self.ema * self.weights + (1 - self.ema) * q).clamp_min(self.min_weight)
             w = torch.where(self.maskable, w, 0.0)
-            self.weights = w * (p * len(self.replacements) / w.sum())  # specials add 0 to the sum
-        for t in (self.correct, self.total, self.ce_sum, self.ce_count):
+            self.weights = w * (p * self.n_normal / w.sum())  # specials add 0 to the sum
+        for t in self.stats().values():
             t.zero_()
         self.updates += 1
 
@@ -261,8 +319,8 @@ class AMLM:
         (no-op otherwise). update() calls it, so every process computes the same weights; all must call step()
         in lockstep. Example: process 0 saw type 7 twice, process 1 once -> both hold total[7] == 3."""
         import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized() and self.metric != "uniform":
-            for t in stats if stats is not None else (self.correct, self.total, self.ce_sum, self.ce_count):
+        if dist.is_available() and dist.is_initialized() and METRICS[self.metric].stats:
+            for t in stats if stats is not None else self.stats().values():
                 dist.all_reduce(t)
 
     # -------------------------------------------------------------------------
@@ -271,33 +329,38 @@ class AMLM:
     def state_dict(self):
         """Everything needed for an exact resume: weights, statistics and step counters (plain tensors and ints).
         Under torch.distributed the statistics since the last update are summed over the processes (all must
-        call this), so one saved state holds the whole run's; load it with stats=True into one process only."""
-        sd = {k: getattr(self, k).clone() for k in ("weights", "correct", "total", "ce_sum", "ce_count")}
-        self.all_reduce([sd[k] for k in ("correct", "total", "ce_sum", "ce_count")])
-        sd.update(steps=self.steps, updates=self.updates, metric=self.metric, vocab_size=self.vocab_size, rate=self.rate)
-        return sd
+        call this), so one saved state holds the whole run's; load it with stats=True into one process only.
+        Example: -> {"weights": ..., "correct": ..., "total": ..., "ce_sum": ..., "ce_count": ..., "steps": 400, ...}"""
+        stats = {name: t.clone() for name, t in self.stats().items()}
+        self.all_reduce(list(stats.values()))
+        return {"weights": self.weights.clone(), **stats, "steps": self.steps, "updates": self.updates,
+                "metric": self.metric, "vocab_size": self.vocab_size, "rate": self.rate}
 
     def load_state_dict(self, sd, stats=True):
         """Restore from state_dict(); the metric and vocabulary size must match this instance. stats=False starts
-        the statistics from zero (the other processes of a distributed run: one of them holds the saved sums)."""
+        the statistics from zero (the other processes of a distributed run: one of them holds the saved sums).
+        A statistic the state lacks (one no metric of its writer kept) starts from zero."""
         if sd["vocab_size"] != self.vocab_size or sd["metric"] != self.metric:
             raise ValueError(f"AMLM state is for metric={sd['metric']} V={sd['vocab_size']}, "
                              f"this one is metric={self.metric} V={self.vocab_size}")
-        for k in ("weights", "correct", "total", "ce_sum", "ce_count"):
-            t = sd[k] if stats or k == "weights" else torch.zeros_like(sd[k])
-            setattr(self, k, t.to(device=self.weights.device, dtype=getattr(self, k).dtype).clone())
+        self.weights = sd["weights"].to(device=self.weights.device, dtype=self.weights.dtype).clone()
+        for name, t in self.stats().items():
+            saved = sd.get(name) if stats else None
+            t = torch.zeros_like(t) if saved is None else saved.to(device=t.device, dtype=t.dtype).clone()
+            setattr(self, name, t)
         self.steps, self.updates = int(sd["steps"]), int(sd["updates"])
-        # the scale the weights are at: their mean (states saved before the weights followed the rate lack "rate")
+        # the scale the weights are at; a state without a rate takes its weights' mean
         self.rate = float(sd.get("rate", self.weights[self.maskable].mean()))
 
     # -------------------------------------------------------------------------
-    # diagnostics (the paper's Figure 1: weight by frequency rank, and which tokens are hard)
+    # diagnostics (the paper's Figure 1: weight by frequency rank, and which types are masked most)
 
     def diagnostics(self, tokens=None):
         """One flat CSV row of plain values describing the current weights: counters, the last window's
         accuracy (hard) or mean cross-entropy (soft), mean weight per frequency-rank bucket (nan when a bucket
-        is empty), and the 5 hardest / easiest (highest / lowest weight) of the 1000 most frequent types,
-        joined with "|" (token strings if `tokens`, the id -> string list, is given, else ids).
+        is empty), and the 5 most and least masked (highest / lowest weight) of the 1000 most frequent types,
+        joined with "|" (token strings if `tokens`, the id -> string list, is given, else ids). The columns
+        "hardest" and "easiest" (public names: amlm.csv and the log line) hold these most and least masked types.
         Example: {"step": 400, "update": 2, ..., "w_rank_1_10": 0.031, ..., "hardest": "▁gave|▁him|...", ...}"""
         w = self.weights.float().cpu()
         wo = w[self.order]
@@ -314,13 +377,14 @@ class AMLM:
         d["easiest"] = "|".join(name(i) for i in by_weight[::-1][:5])
         return d
 
-    def summary(self, tokens=None):
+    def log_line(self, tokens=None):
         """One line for the training log: the curriculum as each frequency-rank bucket's mean weight relative to the
-        mean over the maskable types (above 1x: masked more often than the average type), and the hardest and easiest of the
-        1000 most frequent types. Example: 'amlm hard update 2 step 400 acc 0.412 | masked vs the average type, by
-        frequency rank: 1-10 0.21x 11-100 0.48x 101-1k 1.20x ... | hardest ▁met|... | easiest .|...'"""
+        mean over the maskable types (above 1x: masked more often than the average type), and the most and least
+        masked of the 1000 most frequent types ("hardest", "easiest"). Example: 'amlm hard update 2 step 400
+        acc 0.412 | masked vs the average type, by frequency rank: 1-10 0.21x 11-100 0.48x 101-1k 1.20x ... |
+        hardest ▁met|... | easiest .|...'"""
         d = self.diagnostics(tokens)
-        fit = f"acc {d['acc']:.3f}" if self.metric == "hard" else f"ce {d['ce']:.3f}" if self.metric == "soft" else ""
+        fit = " ".join(f"{k} {d[k]:.3f}" for k in ("acc", "ce") if not math.isnan(d[k]))
         ranks = " ".join(f"{lab} {d['w_rank_' + k] / self.rate:.2f}x" for lab, k in zip(BUCKET_LABELS, BUCKET_KEYS)
                          if not math.isnan(d["w_rank_" + k]))
         return (f"amlm {self.metric} update {d['update']} step {d['step']} {fit} | masked vs the average type, by "

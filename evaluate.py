@@ -22,11 +22,14 @@ sentence, or whose correct sentence equals another candidate (nothing to choose)
 WUG-style correlation tasks also get rho_ctrl: the official Spearman correlation mostly follows the adjective's
 class (-able, -ish, -ive, -ous) and how many more tokens one sentence has than the other, which even an untrained
 model tracks; rho_ctrl is the partial Spearman correlation with both held fixed (docs/results.md), with a bootstrap
-95 % CI. Two result files are compared on the same items, with a paired bootstrap CI of the difference:
+95 % CI. Two models are compared on the same items, with a paired bootstrap CI of the difference: two result
+files of this script (WUG's rho_ctrl), or GLUE predictions of the official pipeline's fine-tuning (accuracy; each
+side may join several fine-tuning seeds with commas) with the labelled file they predicted:
 
     python evaluate.py --compare out/H/eval.json out/HN/eval.json
+    python evaluate.py --compare H-ft1/predictions.json,H-ft2/predictions.json U-ft1/...,U-ft2/... mnli.valid.jsonl
 """
-import argparse, json, math, os, re, sys, time
+import argparse, json, math, os, re, sys, tempfile, time
 from collections import Counter, defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -36,22 +39,22 @@ import torch
 from tqdm import tqdm
 
 from lib.checkpoint import load_model, write_json
-from lib.errors import UserError
+from lib.compare import MIN_CORRELATION_ITEMS, compare_files, controlled, spearman
+from lib.errors import EvalError, UserError
 from lib.fast import FastMaskedLM
 from lib.run import pick_device, pick_dtype
 from model import MaskedLM
 from tokenizer import CLS, MASK, PAD, SEP
 
 PLL_VARIANTS = ("standard", "word-l2r")
+TOKENS_PER_COPY = 64  # --batch-size counts copies of up to this many tokens; a batch of longer ones holds fewer
+PROGRESS_SECONDS = 60  # without a terminal (a log file), a progress line this often on a long scoring
 FORMATS = {  # format -> fields that identify it (and must be on every line)
     "minimal_pairs": ("sentence_good", "sentence_bad"),
     "wug": ("sentences", "ratio"),
     "entity_tracking": ("input_prefix", "options"),
     "ewok": ("Context1", "Target1", "Target2"),
 }
-
-class EvalError(UserError):
-    """A user mistake (bad path, malformed line, bad flag), said in one sentence."""
 
 class UnknownFormat(EvalError):
     """A file whose records match no known format: reported and skipped, never scored."""
@@ -102,7 +105,9 @@ def pll_scores(model, candidates, batch_size=256, device=None, precision="auto",
     """PLL of each candidate (ids without specials, spans as from tokenize()) -> list of floats.
     Each scored token becomes one copy of [CLS] ids [SEP]; copies are sorted by length so batches
     carry little padding, and labels mark only the masked position, so the model computes the
-    output head there alone. Example: ([7, 8], [1, 1]) -> log p(7|[CLS] M 8 [SEP]) + log p(8|[CLS] 7 M [SEP])"""
+    output head there alone. A batch holds batch_size copies, or fewer when they are longer than TOKENS_PER_COPY:
+    batch_size x TOKENS_PER_COPY tokens at most, so a long item needs no more memory than short ones.
+    Example: ([7, 8], [1, 1]) -> log p(7|[CLS] M 8 [SEP]) + log p(8|[CLS] 7 M [SEP])"""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     seq = np.array([s for s, (_, spans) in enumerate(candidates) for k in spans if k], dtype=np.int64)
     pos = np.array([i + 1 for _, spans in candidates for i, k in enumerate(spans) if k], dtype=np.int64)
@@ -113,17 +118,23 @@ def pll_scores(model, candidates, batch_size=256, device=None, precision="auto",
         print(f"note: {(length > max_len).sum()} candidates are longer than the model's max_len {max_len} "
               f"(the longest has {length.max()} tokens); scored anyway", file=sys.stderr)
     order = np.lexsort((pos, seq, length[seq]))  # by length, then sentence, then position
+    copy_len, budget = length[seq[order]], batch_size * TOKENS_PER_COPY
     scores = np.zeros(len(candidates))
     was_training = model.training
     model.eval()
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if pick_dtype(device, precision) == "bf16" else nullcontext()
     bar = tqdm(total=len(order), unit="copy", disable=None if progress else True, desc="PLL")  # None: off unless a terminal
+    t0 = last = time.time()
     try:
         # no_grad, not inference_mode: what the model caches while scoring (its RoPE tables) must stay
         # usable by training afterwards, and inference tensors are not
         with torch.no_grad(), amp, frozen_embeddings(model):
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+            start = 0
+            while start < len(order):
+                n = min(batch_size, len(order) - start)
+                while n > 1 and n * copy_len[start + n - 1] > budget:  # sorted by length: the last copy is the longest
+                    n = max(1, budget // int(copy_len[start + n - 1]))
+                idx, start = order[start:start + n], start + n
                 uniq, inv = np.unique(seq[idx], return_inverse=True)  # the few sentences in this batch
                 T = int(length[uniq].max())
                 base = torch.full((len(uniq), T), PAD, dtype=torch.long)
@@ -144,6 +155,10 @@ def pll_scores(model, candidates, batch_size=256, device=None, precision="auto",
                 lp = logits.float().log_softmax(-1).gather(1, target.to(device)[:, None])[:, 0]
                 np.add.at(scores, seq[idx], lp.double().cpu().numpy())
                 bar.update(len(idx))
+                if progress and bar.disable and time.time() - last >= PROGRESS_SECONDS:  # a log file gets a line
+                    last = time.time()
+                    print(f"PLL: {start:,} of {len(order):,} masked copies ({100 * start // len(order)} %) in "
+                          f"{last - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
         bar.close()
         model.train(was_training)
@@ -294,21 +309,6 @@ def group_mean(values, keys):
         acc[k].append(v)
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
-def rankdata(x):
-    """Ranks 1..n, ties sharing their average rank. Example: [10, 30, 20, 20] -> [1, 4, 2.5, 2.5]"""
-    x = np.asarray(x, dtype=np.float64)
-    ranks = np.empty(len(x))
-    ranks[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(inv, weights=ranks) / counts)[inv]
-
-def spearman(x, y):
-    """Spearman's rho: Pearson correlation of the tie-aware ranks; nan if either side is constant.
-    Example: ([1, 2, 3, 4], [1, 3, 2, 4]) -> 0.8"""
-    rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
-    denom = math.sqrt((rx * rx).sum() * (ry * ry).sum())
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
-
 def task_result(fmt, items, scores, n_tokens=None):
     """Figures for one task from its items and their candidates' PLLs (all on a 0-100 scale); n_tokens: each
     candidate's token count, for WUG's controlled score.
@@ -343,58 +343,6 @@ def task_result(fmt, items, scores, n_tokens=None):
         field_of = {k["uid"]: k["field"] for k in keys}
         res["by_field"] = group_mean(by_uid.values(), [field_of[u] for u in by_uid])
     return res
-
-# -----------------------------------------------------------------------------
-# WUG, controlled: what the official Spearman measures once the item's class and token counts are held fixed
-
-def partial_spearman(x, y, classes, z):
-    """Spearman's rho of x and y controlling for a class and a covariate z: rank x, y and z, regress the ranks of x
-    and of y on [class indicators, rank(z)] by least squares, and correlate the residuals (Pearson). nan when a
-    residual is constant. Example: x and y each class + z plus their own independent noise -> about 0, while
-    spearman(x, y) is high: class and z explain all they share."""
-    groups = sorted(set(classes))
-    X = np.column_stack([np.equal.outer(classes, groups).astype(float), rankdata(z)])  # the indicators span the intercept
-    res = [r - X @ np.linalg.lstsq(X, r, rcond=None)[0] for r in (rankdata(x), rankdata(y))]
-    denom = math.sqrt(float(res[0] @ res[0]) * float(res[1] @ res[1]))
-    return float(res[0] @ res[1]) / denom if denom > 1e-9 * len(x) else float("nan")
-
-def rho_ctrl(items):
-    """partial_spearman of the model's log-likelihood ratio (PLL of the first sentence minus the second) and the human
-    ratio, controlling for the adjective's class and dtok (the first sentence's token count minus the second's).
-    Example: an untrained model on the WUG dev file -> about 0, though its official Spearman is 0.74."""
-    return partial_spearman([i["llr"] for i in items], [i["ratio"] for i in items], [i["class"] for i in items],
-                            [i["dtok"] for i in items])
-
-def bootstrap(stat, n, rounds=2000, seed=0):
-    """The 2.5 and 97.5 percentiles of stat(idx) over `rounds` resamples of n items with replacement (idx: an index
-    array); deterministic for a seed. Resamples where stat is nan are left out. Example: bootstrap(lambda i: 0.5, 10)
-    -> (0.5, 0.5)."""
-    rng = np.random.default_rng(seed)
-    values = np.array([stat(rng.integers(0, n, n)) for _ in range(rounds)])
-    lo, hi = np.nanpercentile(values, [2.5, 97.5]) if np.isfinite(values).any() else (math.nan, math.nan)
-    return float(lo), float(hi)
-
-def controlled(items, rounds=2000, seed=0):
-    """rho_ctrl x 100 with its bootstrap 95 % CI (items resampled) and the items per class.
-    Example: -> {"rho_ctrl": -2.1, "ci": [-16.0, 12.3], "classes": {"-able": 25, "-ish": 25, ...}}"""
-    pick = lambda idx: [items[i] for i in idx]
-    lo, hi = bootstrap(lambda idx: rho_ctrl(pick(idx)), len(items), rounds, seed)
-    return {"rho_ctrl": 100 * rho_ctrl(items), "ci": [100 * lo, 100 * hi],
-            "classes": dict(sorted(Counter(i["class"] for i in items).items()))}
-
-def compare_controlled(a, b, rounds=2000, seed=0):
-    """Two models' per_item lists on the same items (matched by their sentences) -> rho_ctrl x 100 of each, their
-    difference a - b, and its paired bootstrap 95 % CI (the same resampled items for both). Each model's rho_ctrl
-    controls for its own token counts. EvalError if the two share fewer than 10 items."""
-    pairs = {tuple(i["pair"]): i for i in b}
-    a = [i for i in a if tuple(i["pair"]) in pairs]
-    b = [pairs[tuple(i["pair"])] for i in a]
-    if len(a) < 10:
-        raise EvalError(f"the two results share {len(a)} WUG items; compare results scored on the same file")
-    diff = lambda idx: rho_ctrl([a[i] for i in idx]) - rho_ctrl([b[i] for i in idx])
-    lo, hi = bootstrap(diff, len(a), rounds, seed)
-    ra, rb = rho_ctrl(a), rho_ctrl(b)
-    return {"items": len(a), "a": 100 * ra, "b": 100 * rb, "difference": 100 * (ra - rb), "ci": [100 * lo, 100 * hi]}
 
 # -----------------------------------------------------------------------------
 # evaluation of whole paths (library entry points)
@@ -522,55 +470,49 @@ def format_table(res):
         for field, score in t.get("by_field", {}).items():
             lines.append(f"  {field:<30} {'':<16} {'':>7} {score:>7.2f}")
         if c := t.get("controlled"):
-            lines.append(f"  {'rho_ctrl (class, dtok held)':<30} {'':<16} {'':>7} {c['rho_ctrl']:>7.2f}  95 % CI "
-                         f"[{c['ci'][0]:.1f}, {c['ci'][1]:.1f}]; items per class: "
-                         + ", ".join(f"{k} {v}" for k, v in c["classes"].items()))
+            ci = f"95 % CI [{c['ci'][0]:.1f}, {c['ci'][1]:.1f}]" if c.get("ci") else "no CI"
+            lines.append(f"  {'rho_ctrl (class, dtok held)':<30} {'':<16} {'':>7} {c['rho_ctrl']:>7.2f}  {ci}; items per "
+                         "class: " + ", ".join(f"{k} {v}" for k, v in c["classes"].items()))
+        if t["metric"] == "spearman" and t["items"] < MIN_CORRELATION_ITEMS:
+            lines.append(f"  warning: a correlation over {t['items']} items says next to nothing; "
+                         f"score at least {MIN_CORRELATION_ITEMS}")
         if t.get("skipped_items"):
             lines.append(f"  skipped {sum(t['skipped_items'].values())} items ({skip_text(t['skipped_items'])})")
     lines.append(f"headline: {headline_text(res)}")
     lines.append(f"PLL {res['pll']} ({res['precision']}), {res['copies']:,} masked copies in {res['seconds']:.1f} s")
     return "\n".join(lines)
 
-def compare_files(a_path, b_path):
-    """--compare: the WUG tasks two result files share, rho_ctrl of each with the paired bootstrap CI of a - b.
-    Returns the exit code; one sentence on stderr if a file is not a results file with per-item WUG scores.
-    Example: -> "wug_adj_dev: rho_ctrl x 100 on 100 shared items: A 12.1, B 3.0; A - B +9.1, 95 % paired bootstrap CI [...]" """
-    per_item = {}
-    for path in (a_path, b_path):
-        try:
-            tasks = json.loads(Path(path).read_text())["tasks"]
-            per_item[path] = {name: t["per_item"] for name, t in tasks.items() if t.get("per_item")}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            print(f"error: {path} is not a results file of evaluate.py --out ({type(e).__name__})", file=sys.stderr)
-            return 1
-    shared = [name for name in per_item[a_path] if name in per_item[b_path]]
-    if not shared:
-        print(f"error: {a_path} and {b_path} share no WUG task with per-item scores", file=sys.stderr)
-        return 1
-    for name in shared:
-        try:
-            c = compare_controlled(per_item[a_path][name], per_item[b_path][name])
-        except EvalError as e:
-            print(f"error: {name}: {e}", file=sys.stderr)
-            return 1
-        except (KeyError, TypeError, ValueError) as e:  # a per-item entry without its llr, dtok, ratio or class
-            print(f"error: {name}: a per-item entry is malformed ({type(e).__name__}: {e})", file=sys.stderr)
-            return 1
-        print(f"{name}: rho_ctrl x 100 on {c['items']} shared items: A {c['a']:.1f}, B {c['b']:.1f}; A - B "
-              f"{c['difference']:+.1f}, 95 % paired bootstrap CI [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]")
-    return 0
+def is_results_file(path):
+    """Whether path holds what evaluate.py --out writes (a JSON object with "tasks" and "pll") or nothing at all: the
+    only files --out may replace. Example: an earlier results.json -> True; a checkpoint, a task file -> False"""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+            return not head or head == b"{" and {"tasks", "pll"} <= set(json.loads(head + f.read()))
+    except (OSError, ValueError, TypeError):
+        return False
 
-def check_out(path):
-    """--out, checked before any scoring: a file name (not a folder) in a folder we can write (made if missing).
-    Example: check_out("results") where results/ is a folder -> EvalError("--out results is a folder; ...")"""
+def check_out(path, checkpoint=None, task_files=()):
+    """--out, checked before any scoring: a file name (not a folder) in a folder we can write (made if missing), and
+    not a file it would destroy: an input (the checkpoint, a task file, by whatever path) or any other file but an
+    earlier result. Example: check_out("out/run/latest.pt", "out/run/latest.pt") -> EvalError("--out
+    out/run/latest.pt is the checkpoint being scored; give another file name")"""
     path = Path(path)
     if path.is_dir():
         raise EvalError(f"--out {path} is a folder; give a file name, such as {path / 'results.json'}")
+    if path.exists():
+        same = lambda p: Path(p).exists() and path.samefile(p)  # also through a symbolic or hard link
+        if checkpoint is not None and same(checkpoint):
+            raise EvalError(f"--out {path} is the checkpoint being scored; give another file name")
+        if any(map(same, task_files)):
+            raise EvalError(f"--out {path} is a task file being scored; give another file name")
+        if not is_results_file(path):
+            raise EvalError(f"--out {path} exists and is not a results file of evaluate.py; give another file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=f"{path.name}.tmp", dir=path.parent)  # a new name: no file of the user's
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise EvalError(f"cannot write --out {path} ({e.strerror or e})") from None
 
@@ -581,7 +523,8 @@ def setup(args):
         if args.batch_size < 1 or any(v is not None and v < 1 for v in (args.limit, args.threads)):
             raise EvalError("--batch-size, --limit and --threads must be positive")
         if args.out:
-            check_out(args.out)
+            task_paths = [f for p in args.paths for f in (Path(p).glob("*.jsonl") if Path(p).is_dir() else [p])]
+            check_out(args.out, args.checkpoint, task_paths)
         if args.threads:
             torch.set_num_threads(args.threads)
         device = pick_device(args.device)
@@ -604,8 +547,11 @@ def main(argv=None):
     ap.error = lambda msg: ap.exit(2, f"{ap.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
     ap.add_argument("checkpoint", nargs="?", help="a train.py checkpoint (.pt)")
     ap.add_argument("paths", nargs="*", metavar="PATH", help="a .jsonl file or a directory of them")
-    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="instead of scoring: rho_ctrl of the WUG "
-                    "tasks two --out files share, with a paired bootstrap 95 %% CI of A - B")
+    ap.add_argument("--compare", nargs="+", metavar="FILE", help="instead of scoring: A.json B.json, rho_ctrl of the "
+                    "WUG tasks two --out files share, with a paired bootstrap 95 %% CI of A - B; or A B LABELS.jsonl, "
+                    "GLUE: two models' predictions.json of the official pipeline (a side may join several by commas, "
+                    "e.g. fine-tuning seeds: per item averaged) and the labelled .jsonl they predicted: the accuracy "
+                    "of each, A - B and its paired bootstrap 95 %% CI over the items")
     ap.add_argument("--out", help="write the results here as JSON (checked before scoring)")
     ap.add_argument("--batch-size", type=int, default=256, help="masked copies per forward pass (default: %(default)s)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
@@ -621,7 +567,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.compare:
         if args.checkpoint:
-            ap.error("--compare takes two result files, not a checkpoint")
+            ap.error("--compare takes the files to compare (A.json B.json, or A B LABELS.jsonl), not a checkpoint")
         sys.exit(compare_files(*args.compare))
     if not args.paths:
         ap.error("give a checkpoint and at least one PATH to score (or --compare A.json B.json)")

@@ -14,7 +14,11 @@ whose MaskedLM it wraps: together they import only torch and transformers), mode
 8-byte header length, a JSON header, raw tensors), and a fast tokenizer (tokenizer.json, tokenizer_config.json,
 special_tokens_map.json) that reproduces tokenizer.Tokenizer id for id on text without the special tokens' names;
 a "[MASK]" typed in the text is the mask token, as in every Hugging Face MLM tokenizer, so pipeline("fill-mask")
-works. Load it with trust_remote_code=True. This file writes files; it never imports transformers.
+works. Load the model with trust_remote_code=True; the tokenizer is a standard PreTrainedTokenizerFast, which
+AutoTokenizer loads without it under transformers 4.x (5.x reads config.json first and, on a terminal, asks about
+the model's code: PreTrainedTokenizerFast.from_pretrained never asks). An export goes into a new or empty folder, or
+with --force replaces an earlier export; a folder holding anything else, or the source, is refused. This file
+writes files; it never imports transformers.
 
 tokenizer.Tokenizer as a `tokenizers` pipeline:
   normalizer     runs of whitespace and "▁" -> one "▁", none at the ends, then "▁" prepended (not to "")
@@ -27,7 +31,7 @@ tokenizer.Tokenizer as a `tokenizers` pipeline:
   decoder        byte runs joined as UTF-8, "▁" -> " ", one leading space dropped; specials skipped
                  (skip_special_tokens=True)
 """
-import argparse, functools, json, os, re, shutil, sys, time
+import argparse, functools, json, os, re, shutil, sys, tempfile, time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -102,8 +106,8 @@ def tokenizer_json(tok):
     "ab": 264}, "merges": [["a", "b"]], "byte_fallback": True, ...}}"""
     if len(set(tok.tokens)) != len(tok.tokens):
         # Hugging Face's vocabulary maps strings to ids, so two ids with one string cannot both exist there.
-        # Our BPE merges id pairs and could in principle build one string twice; measured: no such pair in
-        # the 16k and 40k BabyLM vocabularies (a merge (A, BC) needs BC to form before AB, (AB, C) the reverse)
+        # Our BPE merges id pairs and could in principle build one string twice (a merge (A, BC) needs BC to
+        # form before AB, (AB, C) the reverse); docs/babylm-pipeline.md says how rare that is
         dup = next(t for i, t in enumerate(tok.tokens) if t in tok.tokens[:i])
         raise ExportError(f"the tokenizer has two tokens spelled {dup!r}, which a Hugging Face vocabulary cannot hold")
     space, pretoken = hf_patterns()
@@ -221,34 +225,86 @@ def milestones(run_dir):
     return pairs
 
 
-def export(source, out_dir, force=False, all_milestones=False, quiet=False):
-    """Export a checkpoint (or, with all_milestones, a run folder) into out_dir. Everything is written into a
-    temporary folder beside it and renamed into place at the end, so a failure leaves no half-written export.
-    Example: export("out/run", "hf/run", all_milestones=True) -> ["hf/run/chck_1M", ..., "hf/run/main"]"""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not force:
-        raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
-    jobs = milestones(source) if all_milestones else [(Path(source), None)]
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
+OWN_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             MODELING, MODEL}
+
+
+def foreign(folder):
+    """The first entry under folder that export.py would not have written, or None: an export holds only its own
+    files, with a config.json of model_type "amlm", or (--milestones) only folders that each are such an export.
+    Example: hf/run holding chck_2M/ and main/ -> None; a run folder -> its latest.pt; an empty folder -> itself."""
+    entries = sorted(folder.iterdir())
+    if entries and all(p.is_dir() and not p.is_symlink() for p in entries):
+        return next(filter(None, map(foreign, entries)), None)
+    for p in entries:
+        if p.name not in OWN_FILES or not p.is_file() or p.is_symlink():
+            return p
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        ours = json.loads((folder / "config.json").read_text()).get("model_type") == "amlm"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    return None if ours else folder / "config.json"
+
+
+def check_out_dir(out_dir, source, force):
+    """The output folder, resolved, or ExportError: a file, the source or a folder holding it, a folder holding
+    anything export.py did not write (refused even with force), an earlier export without force.
+    Example: check_out_dir("out/run", "out/run/latest.pt", True) -> ExportError("out/run holds the checkpoint ...")"""
+    out, src = Path(out_dir).resolve(), Path(source).resolve()
+    if out == out.parent:
+        raise ExportError(f"cannot export into {out}; give a folder below it")
+    if src == out:
+        raise ExportError(f"{out_dir} is the {'run folder' if src.is_dir() else 'checkpoint'} being exported; "
+                          f"export into another folder")
+    if out in src.parents:
+        raise ExportError(f"{out_dir} holds the {'run folder' if src.is_dir() else 'checkpoint'} being exported "
+                          f"({source}); export into another folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if (extra := foreign(out)) is not None:
+            raise ExportError(f"{out_dir} holds files export.py did not write ({extra.relative_to(out)}); "
+                              f"export into a new or empty folder")
+        if not force:
+            raise ExportError(f"{out_dir} holds an earlier export; pass --force to replace it")
+    return out
+
+
+def export(source, out_dir, force=False, all_milestones=False, quiet=False):
+    """Export a checkpoint (or, with all_milestones, a run folder) into out_dir: a new folder, an empty one, or with
+    force an earlier export (a folder holding anything else is never touched). Everything is written into a
+    temporary folder beside it and moved into place at the end, so a failure leaves no half-written export.
+    Example: export("out/run", "hf/run", all_milestones=True) -> ["hf/run/chck_1M", ..., "hf/run/main"]"""
+    jobs = milestones(source) if all_milestones else [(Path(source), None)]
+    out = check_out_dir(out_dir, source, force)
+    made = [next((p for p in reversed(out.parents) if not p.exists()), None)]  # folders made for out, removed on failure
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp", dir=out.parent))  # a new name: never a folder of the user's
+        made.append(tmp)
         for ckpt, name in jobs:
             t0, folder = time.time(), tmp / name if name else tmp
             folder.mkdir(exist_ok=True)
             write_folder(ckpt, folder)
             if not quiet:
-                print(f"{ckpt} -> {out_dir / name if name else out_dir} ({time.time() - t0:.1f} s)", file=sys.stderr)
-        old = out_dir.with_name(f"{out_dir.name}.old{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)  # replaced only now that the new export is complete
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+                print(f"{ckpt} -> {Path(out_dir) / name if name else out_dir} ({time.time() - t0:.1f} s)", file=sys.stderr)
+        made[0] = None  # out's parents stay now
+        if not out.exists():
+            os.replace(tmp, out)
+        else:  # the entries move, not the folder, so the folder stays the same one (a shell's current folder, say)
+            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old", dir=out.parent))
+            for p in list(out.iterdir()):  # an earlier export: foreign() found nothing else in it
+                os.replace(p, old / p.name)
+            for p in list(tmp.iterdir()):
+                os.replace(p, out / p.name)
+            shutil.rmtree(old)  # only now: a failure before this leaves the earlier export there
     except OSError as e:
         raise ExportError(f"cannot write {out_dir} ({e.strerror or e})") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return [out_dir / name if name else out_dir for _, name in jobs]
+        for p in made:
+            if p is not None:
+                shutil.rmtree(p, ignore_errors=True)
+    return [Path(out_dir) / name if name else Path(out_dir) for _, name in jobs]
 
 
 # -----------------------------------------------------------------------------
@@ -257,9 +313,10 @@ def export(source, out_dir, force=False, all_milestones=False, quiet=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Export an amlm checkpoint in Hugging Face format (for the BabyLM pipeline).")
     ap.add_argument("source", help="a train.py checkpoint (.pt), or with --milestones a run folder")
-    ap.add_argument("out_dir", help="the folder to write (refused if it exists and is not empty, unless --force)")
+    ap.add_argument("out_dir", help="the folder to write: a new or empty one, or with --force an earlier export")
     ap.add_argument("--milestones", action="store_true", help="export every ckpt_<N>M.pt as chck_<N>M/ and latest.pt as main/")
-    ap.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    ap.add_argument("--force", action="store_true", help="replace an earlier export in out_dir (a folder holding "
+                    "anything else is refused)")
     args = ap.parse_args(argv)
     try:
         export(args.source, args.out_dir, args.force, args.milestones)

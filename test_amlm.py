@@ -4,9 +4,10 @@ Run: python -m pytest -q test_amlm.py   (speed targets live in the README and be
 """
 import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall badly when cores are shared
-import hashlib, json, math, pickle, random, re, shutil, signal, socket, subprocess, sys, time, urllib.error, zipfile
+import ast, hashlib, json, math, pickle, random, re, shutil, signal, socket, subprocess, sys, time, urllib.error, zipfile
 from collections import Counter
 from dataclasses import asdict
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,10 @@ import data
 import evaluate
 import tokenizer
 import train
-from amlm import AMLM, mask_rate
+from amlm import AMLM, METRICS, STATISTICS, mask_rate
 from data import Batches
-from lib import estimate, fast, optim, progress
-from lib.errors import CheckpointError, DataError, UserError
+from lib import compare, estimate, fast, optim, progress
+from lib.errors import DataError, UserError
 from lib.fast import FastMaskedLM, RotaryQKV, LinearCrossEntropy, NHotSum, dropout, dropout_add, dropout_mask
 from model import MaskedLM, ModelConfig, apply_rope, rope_tables
 from tokenizer import CLS, SEP, MASK, FIRST_BYTE, FIRST_CHAR, Tokenizer
@@ -217,6 +218,83 @@ def test_subtoken_table_cap(bpe_tok):
     assert len(units) == 10 and table.max() == 9
     t1, u1 = bpe_tok.subtoken_table(n=1)
     assert all(len(u) == 1 for u in u1)
+
+
+def test_subtoken_sum_weights_count_units_after_the_filter():
+    # the toy's vocabulary (toy_amlm.py part 4): k counts the units kept by the filter, not all 20 of each word
+    words = ["▁walked", "▁talked", "▁jumped"]
+    table, units = Tokenizer.subtoken_table(SimpleNamespace(tokens=["x"] * FIRST_CHAR + words))
+    assert (table >= 0).sum(1)[FIRST_CHAR:].tolist() == [15, 15, 6] and table[:FIRST_CHAR].eq(-1).all()
+    assert [units[u] for u in table[-1].tolist() if u >= 0] == ["<", "e", "d", "ed", "d>", "ed>"]
+    torch.manual_seed(0)
+    m = MaskedLM(ModelConfig(vocab_size=FIRST_CHAR + 3, n_layer=1, n_head=1, d_model=8, d_ff=8), nhot_table=table)
+    E = m.embedding_matrix()
+    for i, k in zip(range(FIRST_CHAR, FIRST_CHAR + 3), (15, 15, 6)):
+        assert torch.allclose(m.nhot_w[i][m.nhot_w[i] > 0], torch.full((k,), k ** -0.5))
+        expect = m.tok.weight[i] + m.sub.weight[table[i][table[i] >= 0]].sum(0) / math.sqrt(k)
+        assert torch.allclose(E[i], expect, atol=1e-6)
+    assert torch.equal(E[:FIRST_CHAR], m.tok.weight[:FIRST_CHAR])  # no units: the token's own vector
+
+
+def test_walkthrough_points_at_the_lines_of_train_py():
+    # docs/walkthrough.md's table names train.py's code with its line numbers: each must still be on that line
+    lines = (Path(HERE) / "train.py").read_text().splitlines()
+    cited = re.findall(r"`([^`]+)`, lines? (\d+)(?:-(\d+))?", (Path(HERE) / "docs" / "walkthrough.md").read_text())
+    assert len(cited) >= 6
+    for code, first, last in cited:
+        head = re.split(r"\.\.\.|\(", code)[0].strip()  # "amlm.mask(x, ...)" -> "amlm.mask"
+        span = lines[int(first) - 1:int(last or first)]
+        assert any(head in line for line in span), f"docs/walkthrough.md: {code!r} is not on line(s) {first}-{last} of train.py"
+
+def test_toy_matches_the_real_code(capsys):
+    # toy_amlm.py (plain loops, torch only) must print what amlm.py, tokenizer.py and model.py compute
+    import toy_amlm
+    with torch.random.fork_rng():
+        toy_amlm.main()
+    out = capsys.readouterr().out
+    num = lambda pattern: [float(x) for x in re.search(pattern, out).groups()]
+    am = AMLM(4, special_ids=[0], mask_id=1, rate=0.15, ema=0.2, update_every=1)  # part 2: the worked example
+    am.correct[2], am.total[2], am.total[3] = 9, 9, 9
+    am.step(rate=0.15)
+    assert num(r"A: w 0.15 -> ([\d.]+) -> rescaled ([\d.]+)") == [0.036, round(am.weights[2].item(), 4)]
+    assert num(r"B: w 0.15 -> ([\d.]+) -> rescaled ([\d.]+)") == [0.144, round(am.weights[3].item(), 4)]
+    am = AMLM(4, special_ids=[0], mask_id=1, rate=0.40, ema=0.2, update_every=1)  # part 2: the floored type
+    am.weights = torch.tensor([0.0, 0.0, 0.01, 0.19])
+    am.correct[2] = am.total[2] = 10**6
+    am.step(rate=0.10)
+    assert num(r"C: .* floored ([\d.]+) -> rescaled ([\d.]+)") == [0.005, round(am.weights[2].item(), 4)]
+    assert num(r"D: -> ([\d.]+) -> rescaled ([\d.]+)")[1] == round(am.weights[3].item(), 4)
+    am = make(8, rate=0.5)  # part 3: the budgeted probabilities
+    am.weights[5], am.weights[6] = 1.0, 0.1
+    pi = am.probabilities(torch.tensor([[CLS, 5, 6, 6, SEP]]))[0]
+    assert num(r"pi = " + " ".join([r"([\d.]+)"] * 5)) == [round(x, 2) for x in pi.tolist()]
+    assert abs(num(r"mean ([\d.]+)")[0] - pi.sum().item()) < 0.1  # 1000 draws: 4 standard errors
+    words = ["▁walked", "▁talked", "▁jumped"]  # part 4: N-hot units, kept and weighted as the real table does
+    table, units = Tokenizer.subtoken_table(SimpleNamespace(tokens=["x"] * FIRST_CHAR + words))
+    for w, row in zip(words, table[FIRST_CHAR:]):
+        kept = [units[u] for u in row.tolist() if u >= 0]
+        line = re.search(rf"{w}: (\d+) units, (\d+) kept, k = \d+, each weighs 1/sqrt\(k\) = ([\d.]+): (.*)", out)
+        assert int(line[1]) == len(tokenizer.subtoken_units(w)) and int(line[2]) == len(kept)
+        assert float(line[3]) == round(len(kept) ** -0.5, 4) and line[4].split() == kept
+    easy, hard = zip(*[map(float, m) for m in re.findall(r"w\(e\) ([\d.]+)  w\(r0\) ([\d.]+)", out)])
+    assert len(easy) == 4 and easy[-1] < 0.15 < hard[-1]  # part 5: the easy type's weight fell, a hard one's rose
+    # the toy's loop version of the update and of the probabilities, on random numbers, against the real ones
+    g = torch.Generator().manual_seed(0)
+    am = AMLM(9, special_ids=[0], mask_id=1, rate=0.3, update_every=1)
+    am.weights[2:] = torch.rand(7, generator=g) * 0.3 + 0.001
+    am.total[2:] = torch.randint(0, 20, (7,), generator=g)
+    am.correct[2:] = (am.total[2:] * torch.rand(7, generator=g)).long()
+    ids = range(2, 9)
+    _, after = toy_amlm.update({t: am.weights[t].item() for t in ids}, {t: am.correct[t].item() for t in ids},
+                               {t: am.total[t].item() for t in ids}, 0.2)
+    am.update(rate=0.2)
+    assert torch.allclose(torch.tensor([after[t] for t in ids]), am.weights[2:])
+    x = batch(9, B=4, T=12, seed=1)
+    x[0, 1:-1], x[0, 3] = 3, 8
+    am.weights[8] = 5.0  # one heavy position in a row of light ones: capped at 1
+    pi = am.probabilities(x, 0.3)
+    assert torch.allclose(torch.tensor([toy_amlm.probabilities(am.weights[r].tolist(), 0.3) for r in x]), pi)
+    assert pi[0, 3] == 1.0
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -624,12 +702,27 @@ def test_fast_and_plain_paths_agree():
     assert not any("BackwardCFunction" in type(f).__name__ for f in seen) and len(seen) > 20
 
 def test_model_py_stands_alone():
-    # the plain model imports only torch and the standard library, and no module of the project imports another
-    # in a circle (fast.py builds on model.py, never the other way round)
-    imports = lambda f: re.findall(r"^(?:from|import) (\w+)", (Path(HERE) / f).read_text(), flags=re.M)
-    assert set(imports("model.py")) <= {"math", "dataclasses", "torch"}
-    ours = {p.stem for p in Path(HERE).glob("*.py")}
-    graph = {p.stem: {m for m in imports(p.name) if m in ours} for p in Path(HERE).glob("*.py") if p.stem != "test_amlm"}
+    # the plain model imports only torch and the standard library; no module of the project imports another in a
+    # circle (lib/fast.py builds on model.py, never the other way round); lib/ and tools/ never import a command;
+    # the top level holds at most 10 .py files, the core among them
+    files = sorted(Path(HERE).glob("*.py")) + sorted(Path(HERE).glob("lib/*.py")) + sorted(Path(HERE).glob("tools/*.py"))
+    name = lambda p: ".".join(p.relative_to(HERE).with_suffix("").parts)
+    ours = {name(p) for p in files}
+    def imports(p):  # every import statement, in functions too: "from lib import ddp" -> {"lib", "lib.ddp"}
+        found = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        return found
+    assert {m.split(".")[0] for m in imports(Path(HERE) / "model.py")} <= {"math", "dataclasses", "torch"}
+    graph = {name(p): {m for m in imports(p) if m in ours} for p in files if p.stem != "test_amlm"}
+    assert graph["lib.fast"] >= {"model"} and graph["train"] >= {"amlm", "lib.ddp", "lib.fast"}  # the parser sees them
+    commands = {"train", "evaluate", "export"}
+    assert not [(m, graph[m] & commands) for m in graph if m.startswith(("lib.", "tools.")) and graph[m] & commands]
+    top = {p.name for p in Path(HERE).glob("*.py")}
+    assert len(top) <= 10 and {"amlm.py", "model.py", "data.py", "train.py", "test_amlm.py"} <= top
     def reach(start, seen):
         for m in graph.get(start, ()):
             if m not in seen:
@@ -857,6 +950,63 @@ def test_train_with_lamb_resumes_exactly(data_dir, tmp_path):
     assert straight["optimizer"]["state"][0]["step"] == 8
 
 # -----------------------------------------------------------------------------
+# a finished run stays finished; no value of summary.json is lost; a NaN, an empty corpus, 0 steps
+
+def file_bytes(folder):
+    """{name: bytes} of every file in a folder: what a command must leave as it was."""
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+def test_resume_of_a_finished_run_changes_no_byte(data_dir, tmp_path, capsys):
+    run(["--max-steps", "2"], data_dir, tmp_path / "a")
+    capsys.readouterr()
+    before = file_bytes(tmp_path / "a")
+    assert train.main(["--resume", str(tmp_path / "a"), "--data-dir", data_dir]) is None  # exit 0
+    assert "already finished at step 2; nothing to do" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="is at step 2, past the 1 steps that --max-steps 1 give"):
+        train.main(["--resume", str(tmp_path / "a"), "--data-dir", data_dir, "--max-steps", "1"])
+    assert file_bytes(tmp_path / "a") == before
+
+def test_summary_keeps_the_values_a_later_sitting_does_not_know(data_dir, tmp_path):
+    run(["--max-steps", "2"], data_dir, tmp_path / "a")
+    first = json.loads((tmp_path / "a" / "summary.json").read_text())
+    train.main(["--resume", str(tmp_path / "a"), "--data-dir", data_dir, "--max-steps", "4", "--stop-after", "1"])
+    later = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert later["steps"] == 3 and first["val_loss"] is not None and later["val_loss"] == first["val_loss"]
+
+def test_nan_before_the_first_save_leaves_a_folder_the_same_command_starts_in(data_dir, tmp_path):
+    argv = SMALL + ["--data-dir", data_dir, "--out", str(tmp_path / "n"), "--max-steps", "30", "--lr", "1e6"]
+    for _ in range(2):  # the second time it must say the same, not "holds files of an earlier run"
+        with pytest.raises(SystemExit, match=r"the loss is nan; stopping. Nothing was saved.*--lr 1000000.0"):
+            train.main(argv)
+        assert not (tmp_path / "n").exists()
+
+def test_uniform_masking_alone_is_standard_mlm_at_a_constant_15_percent():
+    args = train.parse_args(SMALL + ["--masking", "uniform"])[0]
+    assert (args.mask_rate_start, args.mask_rate_end) == (0.15, 0.15)
+    args = train.parse_args(SMALL + ["--masking", "hard"])[0]
+    assert (args.mask_rate_start, args.mask_rate_end) == (0.40, 0.15)
+    args = train.parse_args(SMALL + ["--masking", "uniform", "--mask-rate-start", "0.3"])[0]
+    assert (args.mask_rate_start, args.mask_rate_end) == (0.3, 0.15)
+
+@pytest.mark.parametrize("args, msg", [(["--corpus", ""], "--corpus is empty"),
+                                       (["--epochs", "1e-9"], "is 0 steps of 512 tokens on this corpus"),
+                                       (["--corpus", "no/such/corpus"], "unknown corpus")])
+def test_refusals_leave_no_folder_behind(args, msg, data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # run from another folder: no out/ or data/ left here
+    with pytest.raises(SystemExit) as e:
+        train.main([a for a in SMALL + ["--data-dir", data_dir] if a != "--max-steps"] + args)
+    assert e.value.code != 0 and msg in str(e.value.code) + capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+def test_a_corpus_folder_never_feeds_train_py_outputs(data_dir, tmp_path):
+    corpus = tmp_path / "c"
+    _write_text(corpus / "text.txt", _corpus_lines(300))
+    run(["--max-steps", "1"], data_dir, corpus / "run")  # a run folder inside the corpus folder
+    (corpus / "log.txt").write_text((corpus / "run" / "log.txt").read_text())  # a log moved out of its run
+    (corpus / "notes.txt").write_text("a user's own notes .\n")
+    assert data.find_files(corpus) == [corpus / "notes.txt", corpus / "text.txt"]
+
+# -----------------------------------------------------------------------------
 # train.py under torchrun: the same run on 1 or 2 processes, with or without gradient accumulation
 
 DDP = ["--dropout", "0", "--amlm-update-every", "3", "--max-steps", "10"]  # fp32 (SMALL), no dropout: comparable
@@ -973,7 +1123,7 @@ def test_probabilities_proportional_to_weight_when_uncapped():
 # -----------------------------------------------------------------------------
 # mask
 
-def test_empirical_rate_and_marginals_match():
+def test_mask_empirical_rate_and_marginals_match():
     V, rate = 30, 0.25
     am = make(V, rate=rate)
     am.weights = torch.where(am.maskable, torch.linspace(0.01, 2, V), 0.0)
@@ -984,7 +1134,7 @@ def test_empirical_rate_and_marginals_match():
     assert (hits - am.probabilities(x)).abs().max() < 0.06  # per position, ~4 standard errors
 
 
-def test_specials_never_selected_and_never_drawn():
+def test_mask_specials_never_selected_and_never_drawn():
     V = 20
     am = make(V, rate=0.9)
     x = batch(V, B=16, T=16, pad_from=[8] * 16)
@@ -997,7 +1147,7 @@ def test_specials_never_selected_and_never_drawn():
         assert not torch.isin(inputs[changed], torch.tensor([PAD, CLS, SEP])).any()
 
 
-def test_80_10_10_split():
+def test_mask_80_10_10_split():
     V = 2000  # large, so a random replacement almost never equals the original
     am = make(V, rate=0.5)
     x = batch(V, B=32, T=64)
@@ -1014,7 +1164,7 @@ def test_80_10_10_split():
     assert abs(masked / n - 0.8) < 0.01 and abs(rand / n - 0.1) < 0.01 and abs(kept / n - 0.1) < 0.01
 
 
-def test_same_generator_seed_same_masks():
+def test_mask_same_generator_seed_same_masks():
     am = make(30)
     x = batch(30)
     a = am.mask(x, generator=torch.Generator().manual_seed(3))
@@ -1024,7 +1174,7 @@ def test_same_generator_seed_same_masks():
 
 
 # -----------------------------------------------------------------------------
-# scores and update
+# update
 
 def test_update_worked_example():
     # V=4: specials 0 and 1 ([MASK]); types 2 (A, always right) and 3 (B, always wrong), 9 times each
@@ -1043,22 +1193,22 @@ def test_update_clamp_then_renormalise():
     assert torch.allclose(am.weights[2:], torch.tensor([a, b]) * 0.15 / ((a + b) / 2))
 
 
-def test_hard_scores_on_handmade_stats():
+def test_mastery_hard_on_handmade_stats():
     am = make(10)
     am.correct[5], am.total[5] = 3, 4
     am.correct[6], am.total[6] = 0, 9
-    s = am.scores()
+    s = am.mastery()
     assert s[5].item() == pytest.approx(0.7) and s[6].item() == pytest.approx(0.05) and s[7].item() == 0.5
 
 
-def test_soft_scores_on_handmade_stats():
+def test_mastery_soft_on_handmade_stats():
     V = 8  # normal types 3, 5, 6, 7; with the ln V pseudo-observation added at scoring time
     am = make(V, metric="soft")
     am.ce_sum[5], am.ce_count[5] = 0.3, 3   # easy
     am.ce_sum[6], am.ce_count[6] = 30.0, 2  # very hard
     means = {t: (am.ce_sum[t].item() + math.log(V)) / (am.ce_count[t].item() + 1) for t in (3, 5, 6, 7)}
     lo, hi = min(means.values()), max(means.values())
-    s = am.scores()
+    s = am.mastery()
     for t, m in means.items():
         assert s[t].item() == pytest.approx(1 - (m - lo) / (hi - lo), abs=1e-6)
     assert s[5] == 1 and s[6] == 0 and 0 < s[3] < 1  # unseen types sit in between, near the hard end
@@ -1071,8 +1221,11 @@ def logits_for(labels, right):
     return 10 * torch.nn.functional.one_hot(pred, 20).float()
 
 
-@pytest.mark.parametrize("metric", ["hard", "soft"])
-def test_always_right_type_ends_below_never_right(metric):
+ADAPTIVE = [name for name, metric in METRICS.items() if metric.mastery is not None]  # every metric but uniform
+
+
+@pytest.mark.parametrize("metric", ADAPTIVE)
+def test_metric_always_right_type_ends_below_never_right(metric):
     am = make(20, rate=0.3, metric=metric, update_every=1)
     x = batch(20, B=4, T=16)
     x[:, 1:8], x[:, 8:15] = 6, 9
@@ -1082,7 +1235,23 @@ def test_always_right_type_ends_below_never_right(metric):
     assert am.weights[6] < am.rate < am.weights[9]
 
 
-def test_soft_counts_only_mask_positions_with_inputs():
+@pytest.mark.parametrize("metric", ADAPTIVE)
+def test_metric_keeps_its_own_statistics_and_a_mastery_in_range(metric):
+    # a metric is one METRICS entry: its statistics exist on every instance and in every checkpoint, observe adds to
+    # them and to no others, mastery is (V,) in [0, 1], and train.py offers the name
+    entry = METRICS[metric]
+    am = make(20, rate=0.3, metric=metric)
+    assert entry.stats and set(entry.stats) <= set(STATISTICS) and set(STATISTICS) <= set(am.state_dict())
+    x = batch(20, B=4, T=16)
+    inputs, labels = am.mask(x, generator=torch.Generator().manual_seed(0))
+    am.observe(labels, logits_for(labels, lambda y: y % 2 == 0), inputs)
+    assert {name for name, t in am.stats().items() if t.abs().sum() > 0} == set(entry.stats)
+    s = am.mastery()
+    assert s.shape == (20,) and s.min() >= 0 and s.max() <= 1 and entry.fit(am.stats())["observed"] > 0
+    assert train.get_parser().parse_args(["--masking", metric]).masking == metric
+
+
+def test_observe_soft_counts_only_mask_positions_with_inputs():
     am = make(20, metric="soft")
     labels = torch.tensor([[-100, 6, 7, 8]])
     inputs = torch.tensor([[CLS, MASK, 7, 12]])  # 7 kept, 8 replaced: not counted
@@ -1109,7 +1278,7 @@ def test_observe_rejects_mismatched_logits():
         am.observe(torch.tensor([[-100, 6, 7]]), torch.zeros(3, 20))
 
 
-def test_weights_follow_the_decaying_rate_and_keep_the_budget():
+def test_update_weights_follow_the_decaying_rate_and_keep_the_budget():
     V = 60
     am = make(V, rate=0.4, update_every=2, metric="hard")
     g = torch.Generator().manual_seed(0)
@@ -1126,7 +1295,7 @@ def test_weights_follow_the_decaying_rate_and_keep_the_budget():
     assert am.updates == 10 and am.weights[am.maskable].std() > 0
 
 
-def test_floor_is_relative_to_the_current_rate():
+def test_update_floor_is_relative_to_the_current_rate():
     # the docstring example: at p = 0.10 a learned type at w = 0.01 falls to 0.002 and is floored to 0.005
     am = AMLM(4, special_ids=[0], mask_id=1, rate=0.40, ema=0.2, update_every=1)
     am.weights = torch.tensor([0.0, 0.0, 0.01, 0.19])
@@ -1139,19 +1308,7 @@ def test_floor_is_relative_to_the_current_rate():
     assert am.weights[2] / am.weights[2:].mean() > 0.005 / 0.10
 
 
-def test_state_without_a_rate_keeps_the_starting_rate():
-    # states saved before the weights followed the rate have no "rate": the weights stay at the starting scale
-    am = make(20, rate=0.4)
-    sd = am.state_dict()
-    assert sd["rate"] == 0.4
-    del sd["rate"]
-    other = make(20, rate=0.4)
-    other.rate = 0.2
-    other.load_state_dict(sd)
-    assert other.rate == pytest.approx(0.4)
-
-
-def test_uniform_never_changes_weights():
+def test_update_uniform_never_changes_weights():
     V = 30
     am = make(V, metric="uniform", update_every=1)
     before = am.weights.clone()
@@ -1161,6 +1318,8 @@ def test_uniform_never_changes_weights():
         am.observe(labels, torch.randn(int((labels != -100).sum()), V, generator=g), inputs)
         am.step()
     assert torch.equal(am.weights, before) and am.updates == 5
+    with pytest.raises(ValueError):  # uniform keeps no statistics: no other metric's code runs in its place
+        am.mastery()
 
 
 # -----------------------------------------------------------------------------
@@ -1190,7 +1349,22 @@ def test_state_dict_round_trip_gives_identical_future(metric):
         make(V, metric="uniform").load_state_dict(a.state_dict())
 
 
-def test_mask_rate():
+def test_state_without_a_rate_takes_its_weights_mean():
+    # a state without a "rate" is at the scale of its weights: their mean over the normal types
+    am = make(20, rate=0.4)
+    sd = am.state_dict()
+    assert sd["rate"] == 0.4
+    del sd["rate"]
+    other = make(20, rate=0.4)
+    other.rate = 0.2
+    other.load_state_dict(sd)
+    assert other.rate == pytest.approx(0.4)
+    sd["weights"] = sd["weights"] * 0.75  # weights at another scale: the rate is their mean, not the instance's
+    other.load_state_dict(sd)
+    assert other.rate == pytest.approx(0.3)
+
+
+def test_schedule_mask_rate():
     assert mask_rate(0, 100, 0.4, 0.15) == pytest.approx(0.4)
     assert mask_rate(50, 100, 0.4, 0.15) == pytest.approx(0.275)
     assert mask_rate(100, 100, 0.4, 0.15) == pytest.approx(0.15)
@@ -1209,7 +1383,7 @@ def test_diagnostics_flat_row():
     assert d["hardest"].split("|")[0] == "t3" and d["easiest"].split("|")[0] == "t39"
     assert d["w_rank_1_10"] == pytest.approx(am.weights[[3] + list(range(5, 14))].mean().item())
     assert math.isnan(d["w_rank_101_1k"]) and d["update"] == 0
-    assert "hardest t3" in am.summary(tokens)
+    assert "hardest t3" in am.log_line(tokens)
 
 
 def test_all_reduce_is_noop_single_process():
@@ -1309,12 +1483,12 @@ def test_longer_than_max_len_is_scored_with_a_note(model, capsys):
 # metrics
 
 def test_rankdata_and_spearman():
-    assert evaluate.rankdata([10, 30, 20, 20]).tolist() == [1, 4, 2.5, 2.5]
-    assert evaluate.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert compare.rankdata([10, 30, 20, 20]).tolist() == [1, 4, 2.5, 2.5]
+    assert compare.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
     # ties: ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4] -> 4.5 / sqrt(4.5 * 5)
-    assert evaluate.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
-    assert evaluate.spearman([5, 4, 3], [0.1, 0.2, 0.3]) == pytest.approx(-1.0)
-    assert math.isnan(evaluate.spearman([1, 1, 1], [1, 2, 3]))
+    assert compare.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert compare.spearman([5, 4, 3], [0.1, 0.2, 0.3]) == pytest.approx(-1.0)
+    assert math.isnan(compare.spearman([1, 1, 1], [1, 2, 3]))
 
 def test_minimal_pair_macro_average():
     items = [({"uid": "u", "field": "syntax"}, [None, None], None)] * 2 + [({"uid": "v", "field": "morphology"}, [None, None], None),
@@ -1339,7 +1513,7 @@ def test_wug_softmax_spearman():
     items = [({"uid": "wug"}, [0, 0], {"ratio": r, "class": "-ous"}) for r in (0.9, 0.5, 0.1, 0.5)]
     res = evaluate.task_result("wug", items, [[0.0, -2.0], [-1.0, -1.0], [-3.0, 0.0], [-1.0, -1.5]])
     p = [1 / (1 + math.exp(d)) for d in (-2.0, 0.0, 3.0, -0.5)]  # softmax share of the first sentence
-    assert res["score"] == pytest.approx(100 * evaluate.spearman(p, [0.9, 0.5, 0.1, 0.5]))
+    assert res["score"] == pytest.approx(100 * compare.spearman(p, [0.9, 0.5, 0.1, 0.5]))
     assert res["metric"] == "spearman" and res["items"] == 4
 
 # -----------------------------------------------------------------------------
@@ -1522,21 +1696,21 @@ def _wug_items(n_per_class=30, seed=0, signal=0.0):
 
 def test_controlled_score_sees_through_class_and_token_counts():
     items = _wug_items()
-    official = evaluate.spearman([i["llr"] for i in items], [i["ratio"] for i in items])
-    c = evaluate.controlled(items)
+    official = compare.spearman([i["llr"] for i in items], [i["ratio"] for i in items])
+    c = compare.controlled(items)
     assert official > 0.5 and abs(c["rho_ctrl"]) < 15 and c["ci"][0] < 0 < c["ci"][1]  # class and dtok: nothing left
     assert c["classes"] == {"-able": 30, "-ish": 30, "-ive": 30, "-ous": 30}
-    real = evaluate.controlled(_wug_items(signal=5.0))
+    real = compare.controlled(_wug_items(signal=5.0))
     assert real["rho_ctrl"] > 50 and real["ci"][0] > 0  # a real within-class signal is seen
-    assert evaluate.controlled(items, seed=3) == evaluate.controlled(items, seed=3)  # the bootstrap is seeded
-    assert evaluate.controlled(items, seed=3)["ci"] != evaluate.controlled(items, seed=4)["ci"]
+    assert compare.controlled(items, seed=3) == compare.controlled(items, seed=3)  # the bootstrap is seeded
+    assert compare.controlled(items, seed=3)["ci"] != compare.controlled(items, seed=4)["ci"]
     # paired: a model against itself differs by exactly 0; against the constructed signal clearly
-    same = evaluate.compare_controlled(items, items)
+    same = compare.compare_controlled(items, items)
     assert same["difference"] == 0 and same["ci"] == [0, 0] and same["items"] == 120
-    diff = evaluate.compare_controlled(_wug_items(signal=5.0), items)
+    diff = compare.compare_controlled(_wug_items(signal=5.0), items)
     assert diff["difference"] > 50 and diff["ci"][0] > 0
     with pytest.raises(evaluate.EvalError, match="share 0 WUG items"):
-        evaluate.compare_controlled(items, [{**i, "pair": ["a", "b"]} for i in items])
+        compare.compare_controlled(items, [{**i, "pair": ["a", "b"]} for i in items])
 
 def test_wug_class_limit_and_cli(model, tok, tmp_path, capsys):
     assert evaluate.wug_class(["Create ... adjective: tefigious. tefigiosity", "... adjective: tefigious. tefigiousness"]) == "-ous"
@@ -1599,6 +1773,7 @@ SETUP = {  # files some cases need, made in the case's tmp folder
     "binary": lambda tmp, run: (tmp / "x.train").write_bytes(b"some text\n" + bytes(range(256)) * 100),
     "zip": lambda tmp, run: _zip_corpus(tmp / "train_10M.zip"),
     "zipdir": lambda tmp, run: (tmp / "zipdir").mkdir() or _zip_corpus(tmp / "zipdir" / "train_10M.zip"),
+    "link": lambda tmp, run: (tmp / "link.pt").symlink_to(Path(run) / "latest.pt"),
 }
 
 def _zip_corpus(path):
@@ -1661,6 +1836,8 @@ BAD_INPUT = [  # (command line, arguments (train.py: after a good small run's fl
     # train.py: the run folder
     ("train", "--out {run}", "", "{run} already holds a run (latest.pt); continue it with --resume {run}"),
     ("train", "--out {tmp}/orphans", "orphans", "holds files of an earlier run (log.txt) but no latest.pt"),
+    ("train", "--out {tmp}/orphans --overwrite", "orphans", "--overwrite deletes only a run train.py wrote"),
+    ("train", "--corpus {tmp} --out {tmp}/runs/a", "tiny", "is inside the corpus folder"),
     ("train", "--out {tmp}/locked", "locked", "{tmp}/locked is in use by another train.py (pid"),
     ("train", "--out {tmp}/afile", "afile", "--out {tmp}/afile is a file, not a folder"),
     ("train", "--out {tmp}/afile/run", "afile", "cannot write to the run folder {tmp}/afile/run"),
@@ -1705,8 +1882,14 @@ BAD_INPUT = [  # (command line, arguments (train.py: after a good small run's fl
     ("evaluate", "{tmp}/afile {tmp}/tasks.jsonl --out {tmp}/r.json", "afile", "cannot read checkpoint"),
     ("evaluate", "{ckpt}", "", "give a checkpoint and at least one PATH"),
     ("evaluate", "--compare {tmp}/afile {tmp}/afile", "afile", "afile is not a results file of evaluate.py --out"),
-    ("evaluate", "{ckpt} --compare {tmp}/afile {tmp}/afile", "afile", "--compare takes two result files, not a checkpoint"),
+    ("evaluate", "{ckpt} --compare {tmp}/afile {tmp}/afile", "afile", "--compare takes the files to compare (A.json B.json, or A B LABELS.jsonl), not a checkpoint"),
     ("evaluate", "{ckpt} {tmp}/empties.jsonl", "empties", "every minimal_pairs item was skipped (an empty sentence: 2)"),
+    # evaluate.py --out: never one of its inputs, by whatever path, nor another file that is not a result
+    ("evaluate", "{run}/latest.pt {tmp}/tasks.jsonl --out {run}/latest.pt", "", "--out {run}/latest.pt is the checkpoint being scored"),
+    ("evaluate", "{run}/latest.pt {tmp}/tasks.jsonl --out {tmp}/link.pt", "link", "--out {tmp}/link.pt is the checkpoint being scored"),
+    ("evaluate", E + " --out {tmp}/tasks.jsonl", "", "--out {tmp}/tasks.jsonl is a task file being scored"),
+    ("evaluate", "{ckpt} {tmp} --out {tmp}/tasks.jsonl", "", "--out {tmp}/tasks.jsonl is a task file being scored"),
+    ("evaluate", E + " --out {run}/log.txt", "", "--out {run}/log.txt exists and is not a results file of evaluate.py"),
 ]
 
 @pytest.fixture(scope="module")
@@ -2152,7 +2335,288 @@ def test_export_bad_input_one_sentence_nothing_written(hf_ckpt, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.pt", "garbage.pt", "shape.pt"]  # no half export
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    fails([hf_ckpt, tmp_path / "full"], "exists and is not empty; pass --force")
+    fails([hf_ckpt, tmp_path / "full"], "holds files export.py did not write (keep.txt)")
+    fails([hf_ckpt, tmp_path / "full", "--force"], "holds files export.py did not write (keep.txt)")  # --force too
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
-    assert export.main([str(hf_ckpt), str(tmp_path / "full"), "--force"]) == 0
-    assert (tmp_path / "full" / "config.json").is_file() and not (tmp_path / "full" / "keep.txt").exists()
+
+
+# ----- GLUE: paired comparison of fine-tuned predictions
+
+def _glue_preds(path, preds, task="mnli", order=None):
+    """A predictions.json as the official pipeline's finetune.run writes it (ids number the predicted file's lines)."""
+    order = range(len(preds)) if order is None else order
+    path.write_text(json.dumps({task: {"predictions": [{"id": f"{task}_{i}", "pred": preds[i]} for i in order]}}))
+    return str(path)
+
+def _glue_files(tmp_path):
+    """60 labelled MNLI-like items; A fine-tuned twice (right on the first 45 and 39 items), B once (first 30)."""
+    labels = [i % 3 for i in range(60)]
+    write_jsonl(tmp_path / "mnli.valid.jsonl", [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": y}
+                                                for i, y in enumerate(labels)])
+    right = lambda k: [y if i < k else (y + 1) % 3 for i, y in enumerate(labels)]
+    a1 = _glue_preds(tmp_path / "a1.json", right(45), order=reversed(range(60)))  # ids in any order
+    a2 = _glue_preds(tmp_path / "a2.json", right(39))
+    b = _glue_preds(tmp_path / "b.json", right(30))
+    return labels, right, a1, a2, b, str(tmp_path / "mnli.valid.jsonl")
+
+def test_glue_compare_paired_accuracy_averaged_over_seeds(tmp_path, capsys):
+    labels, right, a1, a2, b, gold = _glue_files(tmp_path)
+    assert compare.read_predictions(a1) == ("mnli", right(45)) and compare.read_labels(gold) == labels
+    c = compare.compare_glue([right(45), right(39)], [right(30)], labels)
+    assert (c["a"], c["b"], c["difference"], c["a_files"]) == (70.0, 50.0, 20.0, [75.0, 65.0])
+    # the CI is evaluate.py's own paired bootstrap of the per-item difference (per-item correctness averaged per side)
+    d = (np.array([i < 45 for i in range(60)], float) + np.array([i < 39 for i in range(60)])) / 2 - (np.arange(60) < 30)
+    assert c["ci"] == [100 * x for x in compare.bootstrap(lambda idx: d[idx].mean(), 60)] and 0 < c["ci"][0] < 20 < c["ci"][1]
+    same = compare.compare_glue([right(45)], [right(45)], labels)
+    assert same["difference"] == 0 and same["ci"] == [0, 0]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--compare", f"{a1},{a2}", b, gold])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("mnli: accuracy x 100 on 60 items")
+    assert "A 70.00 (2 files: 75.00, 65.00), B 50.00 (1 file); A - B +20.00, 95 % paired bootstrap CI [+" in out
+    with pytest.raises(SystemExit) as e:  # B against A: the sign turns, the CI mirrors
+        evaluate.main(["--compare", b, f"{a1},{a2}", gold])
+    assert e.value.code == 0 and f"A - B -20.00, 95 % paired bootstrap CI [{-c['ci'][1]:+.2f}, {-c['ci'][0]:+.2f}]" in capsys.readouterr().out
+
+GLUE_BAD = [  # (what to break, how: files or text, the sentence expected)
+    ("labels", "missing", "cannot read {tmp}/nothere.jsonl"),
+    ("labels", '{"premise": "p", "hypothesis": "h"}', "line 1: no 'label' field"),
+    ("labels", '{"premise": "p", "hypothesis": "h", "label": "entailment"}', "line 1: the label 'entailment' is not an integer"),
+    ("labels", '{"premise": "p", "label": 1', "line 1: not valid JSON"),
+    ("a", "59 items", "predicts 59 items but {tmp}/mnli.valid.jsonl labels 60"),
+    ("a", "gap", "the ids skip mnli_3, so they do not number the lines of one file"),
+    ("a", "twice", "the id mnli_0 appears twice"),
+    ("a", "qqp", "the prediction files are of different tasks (mnli in {tmp}/a1.json, qqp in {tmp}/x.json)"),
+    ("a", "not json", "x.json is not a predictions.json of the official pipeline (not valid JSON)"),
+    ("a", '{"tasks": {}}', "x.json is not a predictions.json of the official pipeline (expected one task"),
+    ("a", "bool pred", 'a malformed prediction {{"id": "mnli_5", "pred": true}}'),
+    ("a", "empty piece", "holds an empty file name; join a side's files with single commas"),
+    ("a", "no file", "cannot read {tmp}/gone.json"),
+    ("args", "four", "--compare takes A.json B.json (WUG results of evaluate.py --out) or A B LABELS.jsonl"),
+    ("args", "no labels", "a1.json is not a results file of evaluate.py --out (KeyError); to compare GLUE predictions, add a third"),
+]
+
+@pytest.mark.parametrize("what, how, msg", GLUE_BAD)
+def test_glue_compare_bad_input_gets_one_line(what, how, msg, tmp_path, capsys):
+    labels, right, a1, a2, b, gold = _glue_files(tmp_path)
+    x = str(tmp_path / "x.json")
+    a = f"{a1},{x}"
+    args = None
+    if what == "labels":
+        gold = str(tmp_path / "nothere.jsonl") if how == "missing" else str(write_jsonl(tmp_path / "bad.jsonl", [how]))
+    elif how == "59 items":
+        _glue_preds(Path(x), right(45)[:59])
+    elif how in ("gap", "twice"):
+        _glue_preds(Path(x), [*right(45), 0], order=[i for i in range(61) if i != 3] if how == "gap" else [0, *range(59)])
+    elif how == "qqp":
+        _glue_preds(Path(x), right(45), task="qqp")
+    elif how == "bool pred":
+        _glue_preds(Path(x), [*right(45)[:5], True, *right(45)[6:]])
+    elif how == "empty piece":
+        a = f"{a1},,{a2}"
+    elif how == "no file":
+        a = f"{a1},{tmp_path / 'gone.json'}"
+    elif what == "a":
+        Path(x).write_text(how)
+    elif how == "four":
+        args = ["--compare", a1, a2, b, gold]
+    elif how == "no labels":
+        args = ["--compare", a1, b]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(args or ["--compare", a, b, gold])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and msg.format(tmp=tmp_path) in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ----- no command destroys a user's file
+# Each case runs the command with one output that is an input, a folder of the user's or a file it did not write, and
+# checks that every file there before is byte for byte the same after (and that a refusal is one line, no traceback).
+
+import tempfile
+from tools import bench, plot
+
+
+def hashes(*folders):
+    """Every path under folders -> its bytes' sha256 (a folder: "dir", a link: "-> target"): byte for byte, not mtime."""
+    return {str(p): f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir() else
+            hashlib.sha256(p.read_bytes()).hexdigest() for f in folders for p in [Path(f), *Path(f).rglob("*")]}
+
+
+def refused(call, capsys, msg, code=None):
+    """call() must exit non-zero (SystemExit or a return code) with one line on stderr holding msg."""
+    try:
+        rc = call()
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err + (f"{rc}\n" if isinstance(rc, str) else "")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc not in (0, None) and len(lines) == 1 and "Traceback" not in err, err
+    assert msg in lines[0], lines[0]
+    assert code is None or rc == code, rc
+
+
+@pytest.fixture
+def export_run(hf_ckpt, tmp_path):
+    """A run folder as train.py leaves it: latest.pt (the hf_ckpt checkpoint), a milestone, log.txt, amlm.csv."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(hf_ckpt, run / "latest.pt")
+    shutil.copyfile(hf_ckpt, run / "ckpt_1M.pt")
+    (run / "log.txt").write_text("step 1: loss 6.3\n")
+    (run / "amlm.csv").write_text("step,mask_rate\n1,0.4\n")
+    return run
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["{run}/latest.pt", "{run}", "--force"], "{run} holds the checkpoint being exported"),
+    (["{run}/latest.pt", "{run}/latest.pt", "--force"], "{run}/latest.pt is the checkpoint being exported"),
+    (["{run}", "{run}", "--milestones", "--force"], "{run} is the run folder being exported"),
+    (["{run}", "{tmp}", "--milestones", "--force"], "{tmp} holds the run folder being exported"),
+    (["{run}/latest.pt", "{tmp}/runlink", "--force"], "{tmp}/runlink holds the checkpoint being exported"),  # by a link
+    (["{run}/latest.pt", "{tmp}/mine", "--force"], "{tmp}/mine holds files export.py did not write (notes.txt)"),
+    (["{run}/latest.pt", "{tmp}/mine"], "{tmp}/mine holds files export.py did not write (notes.txt)"),
+    (["{run}/latest.pt", "{tmp}/mine/notes.txt", "--force"], "{tmp}/mine/notes.txt is a file, not a folder"),
+])
+def test_export_never_replaces_its_source_or_a_users_folder(export_run, tmp_path, capsys, args, msg):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "runlink").symlink_to(export_run)
+    before = hashes(tmp_path)
+    places = {"run": export_run, "tmp": tmp_path}
+    refused(lambda: export.main([a.format(**places) for a in args]), capsys, msg.format(**places))
+    assert hashes(tmp_path) == before
+
+
+def test_export_force_replaces_only_its_own_export_and_dot_works(export_run, tmp_path, capsys, monkeypatch):
+    hf = tmp_path / "hf"
+    assert export.main([str(export_run), str(hf), "--milestones"]) == 0 and capsys.readouterr()
+    refused(lambda: export.main([str(export_run), str(hf), "--milestones"]), capsys, "holds an earlier export; pass --force")
+    assert export.main([str(export_run), str(hf), "--milestones", "--force"]) == 0 and capsys.readouterr()  # its own: replaced
+    assert sorted(p.name for p in hf.iterdir()) == ["chck_1M", "main"]
+    (hf / "main" / "README.md").write_text("my model card")  # a file of the user's in it: no longer export.py's alone
+    before = hashes(tmp_path)
+    refused(lambda: export.main([str(export_run), str(hf), "--milestones", "--force"]), capsys, "(main/README.md)")
+    assert hashes(tmp_path) == before
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # "." names the current folder, which stays the same folder
+    assert export.main([str(export_run / "latest.pt"), "."]) == 0
+    assert (tmp_path / "here" / "config.json").is_file() and Path.cwd() == tmp_path / "here"
+    assert export.main([str(export_run / "latest.pt"), ".", "--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "hf", "run"]  # no temporary folder left
+
+
+def test_export_failure_leaves_no_folder_it_made(tmp_path, capsys):
+    (tmp_path / "bad.pt").write_bytes(b"\x80\x02garbage")
+    refused(lambda: export.main([str(tmp_path / "bad.pt"), str(tmp_path / "new" / "deeper" / "hf")]), capsys, "cannot read checkpoint")
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.pt"]
+
+
+def test_autotokenizer_loads_the_export_without_trust_remote_code(hf_dir, hf_tok, monkeypatch):
+    # the tokenizer is a standard PreTrainedTokenizerFast: loading it asks nothing (input() is never called);
+    # transformers 5 reads config.json first, which names the model's own code, so there only the class itself
+    tf = _transformers()
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *a: asked.append(a) or "n")
+    loaders = [tf.PreTrainedTokenizerFast.from_pretrained]
+    if int(tf.__version__.split(".")[0]) < 5:
+        loaders.append(tf.AutoTokenizer.from_pretrained)
+    for load in loaders:
+        t = load(hf_dir)
+        assert t("The dog 🦊 ran.")["input_ids"] == hf_tok("The dog 🦊 ran.")["input_ids"] and not asked
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["model", "--dtypes", "fp16"], "argument --dtypes: must be fp32 or bf16"),
+    (["model", "--dtypes", "banana"], "argument --dtypes: must be fp32 or bf16"),
+    (["model", "--dtypes", "fp32,fp32"], "argument --dtypes: must be fp32 or bf16"),
+    (["model", "--rounds", "0"], "argument --rounds: must be a positive integer, got 0"),
+    (["model", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["model", "--steps", "two"], "argument --steps: must be a positive integer, got two"),
+    (["pieces", "--repeat", "-1"], "argument --repeat: must be a positive integer, got -1"),
+    (["data", "--vocab-size", "0"], "argument --vocab-size: must be a positive integer, got 0"),
+    (["data", "--data-dir", "{tmp}/data"], "--data-dir {tmp}/data is not empty; give a new or empty folder"),
+    (["data", "--data-dir", "{tmp}/data/babylm_10M/a.train"], "is a file; give a new or empty folder"),
+])
+def test_bench_flags_are_checked_before_anything_runs(args, msg, tmp_path, capsys, monkeypatch):
+    (tmp_path / "data" / "babylm_10M").mkdir(parents=True)
+    (tmp_path / "data" / "babylm_10M" / "a.train").write_text("the corpus\n")
+    for name in ("bench_model", "bench_pieces", "bench_data"):  # a check that let the flag through fails here
+        monkeypatch.setattr(bench, name, lambda a: pytest.fail("ran with a bad flag"))
+    before = hashes(tmp_path)
+    refused(lambda: bench.main([a.format(tmp=tmp_path) for a in args]), capsys, msg.format(tmp=tmp_path), code=2)
+    assert hashes(tmp_path) == before
+    assert bench.get_parser().parse_args(["model", "--dtypes", "bf16"]).dtypes == ["bf16"]
+
+
+def test_bench_data_removes_only_the_scratch_folder_it_made(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))  # where its temporary folder goes
+    (tmp_path / "t").mkdir()
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    def fake_data_py(args):  # as data.py: it fills the data dir it is given
+        d = Path(args[args.index("--data-dir") + 1])
+        seen.append(d)
+        (d / "cache").mkdir(exist_ok=True)
+        return 1.0, 0.1, "tokens/word 1.500"
+    monkeypatch.setattr(bench, "run_data_py", fake_data_py)
+    bench.main(["data", "--corpus", "synthetic"])  # the default: a new temporary folder, removed at the end
+    assert seen[0].parent == tmp_path / "t" and not seen[0].exists() and not list((tmp_path / "t").iterdir())
+    bench.main(["data", "--corpus", "synthetic", "--data-dir", "scratch"])  # a new folder it names: made and kept
+    assert (tmp_path / "scratch" / "cache").is_dir()
+    assert "tokens/word 1.500" in capsys.readouterr().out
+    monkeypatch.undo()
+
+
+def test_bench_data_shows_data_pys_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))
+    (tmp_path / "t").mkdir()
+    monkeypatch.chdir(tmp_path)
+    refused(lambda: bench.main(["data", "--corpus", "nothere.txt"]), capsys, "data.py failed: unknown corpus")
+    assert not list((tmp_path / "t").iterdir())  # its scratch folder removed, nothing else touched
+
+
+@pytest.mark.parametrize("png, msg", [
+    ("{run}/amlm.csv", "--png {run}/amlm.csv must end in .png"),
+    ("{run}/summary.json", "must end in .png"),
+    ("{run}", "--png {run} is a folder"),
+    ("{run}/fake.png", "--png {run}/fake.png exists and is not a PNG image"),
+])
+def test_plot_png_never_overwrites_an_input(png, msg, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "amlm.csv").write_text("step,mask_rate\n1,0.4\n")
+    (run / "summary.json").write_text('{"config": {"mask_rate_start": 0.4}}')
+    (run / "fake.png").write_text("not an image")
+    before = hashes(tmp_path)
+    refused(lambda: plot.main(["figure1", str(run), "--png", png.format(run=run)]), capsys, msg.format(run=run), code=2)
+    assert hashes(tmp_path) == before
+
+
+def test_long_items_are_batched_by_tokens_with_progress_lines(model, capsys, monkeypatch):
+    # --batch-size counts copies of up to TOKENS_PER_COPY tokens: a batch of long copies holds fewer, the same scores
+    shapes = []
+    real = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, x, *a, **kw: shapes.append(tuple(x.shape)) or real(self, x, *a, **kw))
+    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0)  # a line after every batch, as a log file gets one a minute
+    cands = [([7 + i % 50] * n, [1] * n) for i, n in enumerate((3, 5, 40, 150, 150, 6))]
+    scores = evaluate.pll_scores(model, cands, batch_size=4, progress=True)
+    budget = 4 * evaluate.TOKENS_PER_COPY
+    assert all(rows * T <= budget or rows == 1 for rows, T in shapes) and max(T for _, T in shapes) == 152
+    err = capsys.readouterr().err
+    assert re.search(r"PLL: [\d,]+ of 354 masked copies \(\d+ %\) in \d+ s", err), err  # capsys: no terminal
+    one = evaluate.pll_scores(model, cands, batch_size=1)
+    assert np.allclose(scores, one, atol=1e-4)
+
+
+def test_correlation_of_few_items_warns_and_gives_no_ci(model, tok, tmp_path, capsys):
+    rows = [{"sentences": f"make a noun: {a}able. {a}ability\tmake a noun: {a}able. {a}ableness", "ratio": r}
+            for a, r in (("nut", 0.9), ("bli", 0.2))]
+    f = write_jsonl(tmp_path / "wug2.jsonl", rows)
+    ckpt = tmp_path / "m.pt"
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), "tokenizer": tok.to_json()}, ckpt)
+    evaluate.main([str(ckpt), str(f), "--out", str(tmp_path / "r.json"), "--precision", "fp32"])
+    out = capsys.readouterr().out
+    assert "no CI" in out and "95 % CI" not in out and "warning: a correlation over 2 items" in out
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"]["wug2"]["controlled"]["ci"] is None
+    assert compare.controlled(_wug_items(3))["ci"] is not None  # 12 items: a CI

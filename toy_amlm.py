@@ -11,7 +11,7 @@ import torch
 
 def probabilities(w, rate):
     """Budgeted selection probabilities of one row, given each position's weight (0 = a special token): pi_j is
-    proportional to w_j and sums to rate * L; a pi above 1 is capped and its excess spread over the rest (water-filling).
+    proportional to w_j and sums to rate * L; a pi above 1 is capped, its excess spread over the rest (water-filling).
     Example: probabilities([0, 1.0, 0.1, 0.1, 0], 0.5) -> [0, 1, 0.25, 0.25, 0]"""
     budget, capped = rate * sum(x > 0 for x in w), [False] * len(w)
     while True:  # each pass caps what exceeds 1; the scale only grows, so this ends
@@ -63,7 +63,7 @@ def main():
     for t in "AB":
         print(f"   {t}: w 0.15 -> {before[t]:.4f} -> rescaled {after[t]:.4f}")
     print(f"   B is now masked {after['B'] / after['A']:.1f}x as often as A")
-    print("   the floor at p = 0.10: C at w = 0.01 always right (q ~ 0), D at w = 0.19 never seen (score 0.5)")
+    print("   the floor at p = 0.10: C at w = 0.01 always right (q ~ 0), D at w = 0.19 never seen (mastery 0.5)")
     before, after = update({"C": 0.01, "D": 0.19}, {"C": 10**6, "D": 0}, {"C": 10**6, "D": 0}, 0.10)
     print(f"   C: 0.2 x 0.01 = 0.002 -> floored {before['C']:.4f} -> rescaled {after['C']:.4f} (above the floor)")
     print(f"   D: -> {before['D']:.4f} -> rescaled {after['D']:.4f}   (real: amlm.AMLM.mastery and amlm.AMLM.update)")
@@ -73,7 +73,8 @@ def main():
     print("   pi =", " ".join(f"{x:.2f}" for x in pi), "  (a capped at 1, its excess went to the b's)")
     counts = (torch.rand(1000, 5, generator=g) < torch.tensor(pi)).sum(1)
     hist = " ".join(f"{k}: {int((counts == k).sum())}" for k in range(4))
-    print(f"   selected per row in 1000 draws: {hist}; mean {counts.float().mean():.3f}   (real: amlm.AMLM.probabilities)")
+    print(f"   selected per row in 1000 draws: {hist}; mean {counts.float().mean():.3f}")
+    print("   (real: amlm.AMLM.probabilities, amlm.AMLM.mask)")
 
     print("4. N-hot units of ▁walked ▁talked ▁jumped, kept if in >= 2 vocabulary entries")
     vocab = ["▁walked", "▁talked", "▁jumped"]
@@ -81,10 +82,10 @@ def main():
         print(f"   {t}: {len(units(t))} units, {len(us)} kept, k = {len(us)}, each weighs 1/sqrt(k) = "
               f"{1 / math.sqrt(len(us)):.4f}: {' '.join(us)}")
     kept = nhot(vocab)
-    print("   shared by all three:", " ".join(u for u in kept["▁walked"] if u in kept["▁jumped"] and u in kept["▁talked"]))
+    print("   shared by all three:", " ".join(u for u in kept["▁walked"] if all(u in kept[t] for t in vocab)))
     print("   (real: tokenizer.subtoken_units, tokenizer.Tokenizer.subtoken_table, model.MaskedLM.embedding_matrix)")
 
-    print("5. 20 steps on a toy task: 'e' always follows 'k' (easy), 'r0'-'r4' are random (hard)")
+    print("5. 20 steps on a toy task: 'e' always follows 'k' (easy), 'r0'-'r4' are random (difficult)")
     names = ["[CLS]", "[MASK]", "k", "e", "r0", "r1", "r2", "r3", "r4"]
     torch.manual_seed(0)
     table = torch.nn.Embedding(len(names), len(names))  # the "model": logits of a position from its left input
@@ -96,7 +97,7 @@ def main():
         x[:, 1::4], x[:, 2::4], x[:, 0] = 2, 3, 0  # ... k e r r k e r r ...
         pi = torch.tensor([probabilities([w.get(t, 0.0) for t in row], 0.15) for row in x.tolist()])
         sel = torch.rand(x.shape, generator=g) < pi
-        inputs = torch.where(sel, 1, x)
+        inputs = torch.where(sel, 1, x)  # all [MASK] here; the real mask keeps 10 % and swaps 10 %
         logits = table(inputs[:, :-1])[sel[:, 1:]]  # predict each selected position from its left neighbour
         y = x[:, 1:][sel[:, 1:]]
         loss = torch.nn.functional.cross_entropy(logits, y)
@@ -107,7 +108,7 @@ def main():
             _, w = update(w, correct, total, 0.15)
             correct, total = dict.fromkeys(w, 0), dict.fromkeys(w, 0)
             print(f"   step {step}: loss {loss.item():.2f}  w(e) {w[3]:.3f}  w(r0) {w[4]:.3f}  w(k) {w[2]:.3f}")
-    print("   the easy type's weight fell, the hard ones' rose   (real: train.py's loop, amlm.AMLM.step)")
+    print("   the easy type's weight fell, the difficult ones' rose   (real: train.py's loop, amlm.AMLM.step)")
 
 if __name__ == "__main__":
     main()

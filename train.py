@@ -315,7 +315,7 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         x = batches.next(args.batch_tokens, T).to(args.device, non_blocking=True)  # (B, T): the global batch
-        # --- the AMLM cycle: mask by difficulty -> predict -> record how hard each type was -> adapt ---
+        # --- the AMLM cycle: mask by difficulty -> predict -> record how difficult each type was -> adapt ---
         inputs, labels = amlm.mask(x, rate=p, generator=gen)  # (B, T) each; one mask per row, whatever the world size
         n = int((labels != -100).sum())  # targets in the global batch (every process masked all of it)
         rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)  # this process's rows

@@ -8,6 +8,7 @@ What amlm's commands (train.py, evaluate.py, export.py) lean on; none of it is t
     progress.py       what a run tells its user: the bar, log.txt, amlm.csv, summary.json
     estimate.py       how long a run will take, said before its first step
     optim.py          AdamW, or LAMB as in the paper's code
+    compare.py        evaluate.py's statistics: Spearman, rho_ctrl, the paired bootstrap, --compare (WUG and GLUE)
     errors.py         the one-sentence error classes the commands print as "error: ..."
     modeling_amlm.py  the Hugging Face glue that export.py copies into an export folder
 

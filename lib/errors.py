@@ -16,3 +16,6 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A file that is not a checkpoint of this version, or one that cannot be written."""
+
+class EvalError(UserError):
+    """An evaluation input that cannot be used: a bad path, a malformed line, a bad flag, files that do not compare."""

@@ -21,12 +21,13 @@ CPU_SIZED = dict(size="tiny", vocab_size=16384, batch_tokens=8192, max_steps=245
 
 def seconds_per_token(model, seq_lens, tokens, device, autocast, rate):
     """{T: seconds of one forward + backward pass per token at sequence length T}, timed on `tokens` tokens of random
-    ids with a fraction `rate` of them masked, after a warm-up pass; the model's gradients are cleared after (its
+    ids with a fraction `rate` of them masked, after a warm-up pass of the same shape; the model's gradients are cleared after (its
     dropout draws come from the global RNG: estimate_lines restores it). Example: the tiny shape, [64, 256],
     2,048 tokens -> {64: 1.6e-4, 256: 2.1e-4} (seconds; longer rows cost more per token)."""
     g, V, out = torch.Generator().manual_seed(0), model.config.vocab_size, {}
     for T in sorted(set(seq_lens)):
-        for rows in (1, max(1, tokens // T)):  # the first pass warms up; the second is timed
+        rows = max(1, tokens // T)
+        for _ in range(2):  # the first pass warms up at the same shape (kernels chosen and set up); the second is timed
             x = torch.randint(MASK + 1, V, (rows, T), generator=g)
             selected = torch.rand(rows, T, generator=g) < rate
             selected[:, 0] = True  # at least one target a row, whatever the rate and length

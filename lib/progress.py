@@ -10,8 +10,6 @@ Pretraining BabyLMs" (BabyLM 2025).
 import csv, json, math, os, resource, time
 from dataclasses import asdict
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from amlm import top1_hits
@@ -74,7 +72,7 @@ class Progress:
         """After an AMLM update: a row of amlm.csv, and one log line with the masking weights by frequency rank and
         the hardest and easiest frequent types (the curriculum moving)."""
         append_csv(os.path.join(self.out, "amlm.csv"), {**amlm.diagnostics(tokens), "step": step, "mask_rate": rate})
-        self.log(f"step {step}: {amlm.summary(tokens)}")
+        self.log(f"step {step}: {amlm.log_line(tokens)}")
 
     def close(self):
         self.bar.close()
@@ -98,7 +96,7 @@ def run_summary(path, step, total, words, losses, progress, start, args, model):
     new = {"steps": step, "total_steps": total, "tokens_seen": step * args.batch_tokens, "words_seen": words,
            **losses, "tokens_per_second": progress.tokens_per_second(), "wall_seconds": time.time() - start,
            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "device": args.device,
-           "processes": dist.get_world_size() if dist.is_initialized() else 1,
+           "processes": progress.world,
            "dtype": args.dtype, "parameters": model.num_params(), "parameters_without_embeddings": model.num_params(False),
            "model_config": asdict(model.config), "config": dict(vars(args))}
     try:

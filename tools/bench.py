@@ -8,15 +8,17 @@ Receive: Optimizing Masked Language Modeling for Pretraining BabyLMs" (BabyLM 20
         transformers is installed (a benchmark-only peer)
     python -m tools.bench pieces [--repeat 20]
         each speed piece of fast.py against its plain twin, forward + backward, at the model benchmark's shape
-    python -m tools.bench data --corpus babylm_10M --vocab-size 16384 [--data-dir /tmp/bench_data]
-        a cold `python data.py` (tokenizer training + encoding) into a fresh data dir, then a cache hit
+    python -m tools.bench data --corpus babylm_10M --vocab-size 16384 [--data-dir NEW_OR_EMPTY_FOLDER]
+        a cold `python data.py` (tokenizer training + encoding) into a new temporary data dir (removed at the end;
+        --data-dir: a new or empty folder instead, kept), then a cache hit
 
 The model benchmark: 4 layers, d_model 256, 4 heads, d_ff 1024, vocab 16384, dropout 0.1, batches of
 32 x 128 tokens with 15 % of the positions masked, AdamW. One timed step is forward + backward + AdamW step.
 The contenders run back to back, round after round, in one process; a ratio is taken per round (the
 machine's speed drifts less within a round) and the median is reported with the per-round range.
 """
-import argparse, os, re, shutil, statistics, subprocess, sys, time
+import argparse, os, re, shutil, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
 
 import torch
 
@@ -79,7 +81,7 @@ def bench_model(a):
               ("ours (fast)", "ours (plain + compile)", "fast / plain + compile"),
               ("ours (fast)", "HF BertForMaskedLM", "ours / BertForMaskedLM"),
               ("ours (fast)", "ours (fast) + N-hot", "N-hot cost (slow-down)")]
-    for dtype in a.dtypes.split(","):
+    for dtype in a.dtypes:
         runs = {}
         for name, make in contenders.items():
             torch.manual_seed(0)
@@ -147,41 +149,105 @@ def bench_pieces(a):
 # -----------------------------------------------------------------------------
 # data: tokenizer training, encoding, cache
 
+ROOT = Path(__file__).resolve().parent.parent  # where data.py is
+
 def run_data_py(args):
-    """Run data.py in a child process -> (wall seconds, peak memory GB, its output)."""
+    """Run data.py in a child process -> (wall seconds, peak memory GB, its output); if it fails, exit with its last
+    line of stderr (its one-sentence error). Example: ["--corpus", "nothere"] -> exit "error: data.py failed: ..." """
     t0 = time.time()
-    p = subprocess.Popen([sys.executable, "data.py", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    out = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        sys.exit(f"data.py failed:\n{out}")
+    with tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "data.py", *args], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        out = p.stdout.read()
+        _, status, usage = os.wait4(p.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            err.seek(0)
+            said = [line for line in err.read().splitlines() if line.strip()] or ["(nothing on stderr)"]
+            sys.exit(f"error: data.py failed: {re.sub(r'^(data.py: )?error: ', '', said[-1])}")
     return time.time() - t0, usage.ru_maxrss / 2**20, out  # ru_maxrss is in KiB on Linux
 
+def data_dir_problem(path):
+    """What is wrong with --data-dir for the cold run, or None: it must be new or empty, since this benchmark removes
+    no folder it did not make. Example: "data" holding babylm_10M/ -> "--data-dir data is not empty; ..." """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return f"--data-dir {path} is a file; give a new or empty folder, or leave it out for a temporary one"
+    if p.is_dir() and any(p.iterdir()):
+        return (f"--data-dir {path} is not empty; give a new or empty folder (the cold run needs one without a "
+                f"cache), or leave it out for a temporary one")
+    return None
+
 def bench_data(a):
-    shutil.rmtree(a.data_dir, ignore_errors=True)  # cold: no cache
-    corpus = os.path.abspath(os.path.join("data", a.corpus)) if os.path.isdir(os.path.join("data", a.corpus)) else a.corpus
-    args = ["--corpus", corpus, "--data-dir", a.data_dir, "--vocab-size", str(a.vocab_size), "--quiet"]
-    for name in ("cold", "cache hit"):
-        secs, gb, out = run_data_py(args)
-        print(f"{name:>9}: {secs:6.1f} s wall (the whole process), peak RSS {gb:.2f} GB")
+    """A cold data.py run, then a cache hit, in a data dir this function makes: a temporary one (removed at the
+    end), or --data-dir, new or empty (kept). Example: -> "     cold:   95.1 s wall (the whole process), ..." """
+    data_dir = Path(tempfile.mkdtemp(prefix="amlm_bench_data")) if a.data_dir is None else Path(a.data_dir)
+    made, keep = not data_dir.exists() or a.data_dir is None, a.data_dir is not None  # made here: removed unless kept
+    in_data = Path("data", a.corpus)  # a corpus name already downloaded into ./data
+    corpus = str(in_data.resolve()) if in_data.is_dir() else str(Path(a.corpus).resolve()) if Path(a.corpus).exists() else a.corpus
+    args = ["--corpus", corpus, "--data-dir", str(data_dir.resolve()), "--vocab-size", str(a.vocab_size), "--quiet"]
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("cold", "cache hit"):
+            secs, gb, out = run_data_py(args)
+            print(f"{name:>9}: {secs:6.1f} s wall (the whole process), peak RSS {gb:.2f} GB")
+    except BaseException:
+        keep = False  # a failed run keeps nothing it made
+        raise
+    finally:
+        if made and not keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
     print(out.strip())
     print(f"tokens/word {float(re.search(r'tokens/word ([0-9.]+)', out).group(1)):.3f}")
 
+# -----------------------------------------------------------------------------
+# command line
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="what", required=True)
+class Parser(argparse.ArgumentParser):
+    """argparse with train.py's one-line errors (exit 2), for the subcommands too."""
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+def positive_int(s):
+    """Example: "3" -> 3; "0" -> ArgumentTypeError("must be a positive integer, got 0")"""
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+DTYPES = ("fp32", "bf16")
+
+def dtypes(s):
+    """Example: "fp32,bf16" -> ["fp32", "bf16"]; "fp16" -> ArgumentTypeError (only fp32 and bf16 are measured)"""
+    names = s.split(",")
+    if not all(n in DTYPES for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"must be {' or '.join(DTYPES)}, or both separated by a comma, got {s}")
+    return names
+
+def get_parser():
+    ap = Parser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)  # the subcommands' parsers are Parsers too
     m = sub.add_parser("model", help="training-step throughput against BertForMaskedLM")
-    m.add_argument("--rounds", type=int, default=7)
-    m.add_argument("--steps", type=int, default=6, help="timed steps per round")
-    m.add_argument("--dtypes", default="fp32,bf16")
+    m.add_argument("--rounds", type=positive_int, default=7, help="rounds, each timing every contender (default: %(default)s)")
+    m.add_argument("--steps", type=positive_int, default=6, help="timed steps per round (default: %(default)s)")
+    m.add_argument("--dtypes", type=dtypes, default=list(DTYPES), help="fp32, bf16 or fp32,bf16 (default: fp32,bf16)")
     m.add_argument("--compile", action="store_true", help="also time the plain model under torch.compile")
     pc = sub.add_parser("pieces", help="fast.py's pieces against their plain twins")
-    pc.add_argument("--repeat", type=int, default=20)
+    pc.add_argument("--repeat", type=positive_int, default=20, help="timed calls of each piece (default: %(default)s)")
     d = sub.add_parser("data", help="tokenizer and cache build")
-    d.add_argument("--corpus", default="babylm_10M", help="a path, or a corpus name already in data/")
-    d.add_argument("--data-dir", default="/tmp/bench_data", help="a scratch folder: it is deleted first")
-    d.add_argument("--vocab-size", type=int, default=16384)
-    a = ap.parse_args()
+    d.add_argument("--corpus", default="babylm_10M", help="a path, or a corpus name already in data/ (default: %(default)s)")
+    d.add_argument("--data-dir", help="a new or empty folder for the cold run, kept (default: a temporary folder, removed)")
+    d.add_argument("--vocab-size", type=positive_int, default=16384, help="(default: %(default)s)")
+    return ap
+
+def main(argv=None):
+    ap = get_parser()
+    a = ap.parse_args(argv)
+    if a.what == "data" and a.data_dir is not None and (problem := data_dir_problem(a.data_dir)):
+        ap.error(problem)
     {"model": bench_model, "pieces": bench_pieces, "data": bench_data}[a.what](a)
+
+
+if __name__ == "__main__":
+    main()

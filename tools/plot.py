@@ -12,7 +12,7 @@ Small figures from finished runs (needs matplotlib, which the project itself doe
 
 Paper: Edman & Fraser, "Mask and You Shall Receive", BabyLM 2025.
 """
-import argparse, csv, glob, json, os, re, sys
+import argparse, csv, glob, json, os, re, sys, tempfile
 
 from amlm import BUCKET_KEYS, BUCKET_LABELS
 
@@ -28,7 +28,7 @@ def figure1(run, ax):
         ys = [float(r[f"w_rank_{key}"]) * float(r["mask_rate"]) / float(r.get("rate") or start) for r in rows]
         ax.plot(steps, ys, label=f"ranks {label}")
     ax.plot(steps, [float(r["mask_rate"]) for r in rows], "k--", label="mask rate")
-    ax.set(xlabel="step", ylabel="mean masking probability", title=f"AMLM weights by frequency rank ({os.path.basename(run)})")
+    ax.set(xlabel="step", ylabel="mean masking weight of the bucket's types", title=f"AMLM weights by frequency rank ({os.path.basename(run)})")
 
 
 def curves(runs, ax):
@@ -76,12 +76,33 @@ def seeds(runs, axes):
     axes[1].set(xlabel="million words seen", ylabel="Spearman rho x 100", title="WUG adjective nominalisation")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def png_problem(png):
+    """What is wrong with --png, or None: it must end in .png, and an existing file there must be a PNG (an earlier
+    figure), so that no input (amlm.csv, summary.json, a results file) or other file of the user's is overwritten.
+    Example: "out/run/amlm.csv" -> "--png out/run/amlm.csv must end in .png"; "docs/figure1.png" -> None"""
+    if os.path.isdir(png):
+        return f"--png {png} is a folder; give a file name, such as {os.path.join(png, 'figure.png')}"
+    if not png.lower().endswith(".png"):
+        return f"--png {png} must end in .png"
+    if os.path.exists(png):
+        try:
+            with open(png, "rb") as f:
+                if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                    return f"--png {png} exists and is not a PNG image; give another file name"
+        except OSError as e:
+            return f"cannot read --png {png} ({e.strerror or e})"
+    return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0])
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
     p.add_argument("what", choices=["figure1", "curves", "seeds"])
     p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--png", required=True)
-    a = p.parse_args()
+    p.add_argument("--png", required=True, help="the figure to write: a new file, or an earlier PNG to replace")
+    a = p.parse_args(argv)
+    if problem := png_problem(a.png):
+        p.error(problem)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -97,6 +118,20 @@ if __name__ == "__main__":
     for x in ax if a.what == "seeds" else [ax]:
         x.legend(fontsize=6)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(a.png) or ".", exist_ok=True)
-    fig.savefig(a.png)
+    tmp = None
+    try:  # written to a new name beside it, then renamed: a failure leaves the earlier figure as it was
+        os.makedirs(os.path.dirname(a.png) or ".", exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".png", prefix=os.path.basename(a.png) + ".tmp", dir=os.path.dirname(a.png) or ".")
+        os.close(fd)
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, a.png)
+    except OSError as e:
+        sys.exit(f"error: cannot write --png {a.png} ({e.strerror or e})")
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
     print(f"wrote {a.png} ({os.path.getsize(a.png) // 1024} KB)")
+
+
+if __name__ == "__main__":
+    main()
