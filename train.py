@@ -181,7 +181,7 @@ def resumed_args(p, argv, args, saved):
     q, unset = get_parser(), object()
     q.set_defaults(**dict.fromkeys(vars(args), unset))  # the same flags with a default no flag gives: what remains was typed
     typed = {k: v for k, v in vars(q.parse_args(argv)).items() if v is not unset}
-    run = {**{k: p.get_default(k) for k in vars(args)}, **saved, "out": args.resume}  # defaults: flags added since
+    run = {**{k: p.get_default(k) for k in vars(args)}, **saved, "out": args.resume}  # a flag the saved run lacks: its default
     same = lambda k, v: os.path.realpath(v) == os.path.realpath(args.resume) if k == "out" else v == run.get(k)
     clash = [k for k, v in typed.items() if k not in RESUME_MAY_CHANGE + ("resume",) and not same(k, v)]
     if clash:

@@ -28,7 +28,7 @@ def figure1(run, ax):
         ys = [float(r[f"w_rank_{key}"]) * float(r["mask_rate"]) / float(r.get("rate") or start) for r in rows]
         ax.plot(steps, ys, label=f"ranks {label}")
     ax.plot(steps, [float(r["mask_rate"]) for r in rows], "k--", label="mask rate")
-    ax.set(xlabel="step", ylabel="mean masking weight of the bucket's types", title=f"AMLM weights by frequency rank ({os.path.basename(run)})")
+    ax.set(xlabel="step", ylabel="mean masking weight", title=f"AMLM weights by frequency rank ({os.path.basename(run)})")
 
 
 def curves(runs, ax):
