@@ -562,7 +562,7 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, help="score only the first N items of each file, for quick looks (a WUG file: "
                                           "N items, the same share of each class)")
     ap.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                    help="fast.py's FastMaskedLM; --no-fast: model.py's MaskedLM, the same maths (default: on)")
+                    help="lib/fast.py's FastMaskedLM; --no-fast: model.py's MaskedLM, the same maths (default: on)")
     ap.add_argument("--threads", type=int, help="CPU threads (1 can beat 2 when other jobs share the cores)")
     args = ap.parse_args(argv)
     if args.compare:

@@ -12,7 +12,7 @@ model and rare words share what they have in common with frequent ones.
     logits, loss = model(input_ids, labels=labels)   # logits: (n_labelled, V)
     logits, _ = model(input_ids)                     # logits: (B, T, V)
 
-This file is the plain model, library ops only, and it runs exactly what you read. fast.py builds a faster
+This file is the plain model, library ops only, and it runs exactly what you read. lib/fast.py builds a faster
 twin on it (FastMaskedLM: the same maths through hand-written pieces, the same state_dict); train.py and
 evaluate.py use that one unless given --no-fast (or, in train.py, --compile, which compiles this one).
 

@@ -110,7 +110,7 @@ def get_parser():
       help="auto = cuda if there is a GPU, else cpu (default: %(default)s)")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto = bf16 where it is native: AMX or AVX512-BF16 CPUs, bf16 GPUs (default: %(default)s)")
-    a("--fast", action=argparse.BooleanOptionalAction, default=None, help="fast.py's FastMaskedLM; --no-fast: model.py's "
+    a("--fast", action=argparse.BooleanOptionalAction, default=None, help="lib/fast.py's FastMaskedLM; --no-fast: model.py's "
                                                                        "MaskedLM, the same maths (default: on, off with --compile)")
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
       help="torch.compile the plain model; meant for CUDA (default: off)")
@@ -134,7 +134,7 @@ def parse_args(argv=None):
         resume = load_resume(args.resume)
         args = resumed_args(p, argv, args, resume["args"])
     if args.compile and args.fast:
-        p.error("--compile compiles the plain model (torch.compile cannot trace fast.py's pieces): add --no-fast")
+        p.error("--compile compiles the plain model (torch.compile cannot trace lib/fast.py's pieces): add --no-fast")
     args.fast = not args.compile if args.fast is None else args.fast
     args.batch_tokens = args.batch_tokens or (4096 if args.corpus == "synthetic" else 16384)  # synthetic: smoke tests
     if not args.corpus.strip():
@@ -168,7 +168,7 @@ def parse_args(argv=None):
     args.dtype = pick_dtype(torch.device(args.device), args.dtype)
     if args.compile and args.device == "cpu":
         print("note: --compile on a CPU: where measured (docs/performance.md) the compiled plain model trained "
-              "slower than fast.py's", file=sys.stderr)
+              "slower than lib/fast.py's", file=sys.stderr)
     if args.eval_blimp:  # read now: a typo must not surface at the first milestone, minutes into training
         if problem := evaluate.task_path_problem(args.eval_blimp):
             p.error(f"--eval-blimp {problem}")

@@ -65,7 +65,7 @@ def read_checkpoint(path, mmap=False):
     return ckpt, config, tokenizer
 
 def load_model(path, device="cpu", model_class=MaskedLM):
-    """A checkpoint -> (model in eval mode on device, tokenizer, checkpoint dict). model_class: MaskedLM or fast.py's
+    """A checkpoint -> (model in eval mode on device, tokenizer, checkpoint dict). model_class: MaskedLM or lib/fast.py's
     FastMaskedLM (the same state_dict). Example: load_model("out/run/latest.pt") -> (MaskedLM, Tokenizer, {"step": 1000, ...})"""
     ckpt, config, tokenizer = read_checkpoint(path)
     model = model_class(config)
