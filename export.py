@@ -229,13 +229,15 @@ OWN_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_co
              MODELING, MODEL}
 
 
-def foreign(folder):
+def foreign(folder, milestones_ok=True):
     """The first entry under folder that export.py would not have written, or None: an export holds only its own
-    files, with a config.json of model_type "amlm", or (--milestones) only folders that each are such an export.
-    Example: hf/run holding chck_2M/ and main/ -> None; a run folder -> its latest.pt; an empty folder -> itself."""
+    files, with a config.json of model_type "amlm", or (--milestones) only chck_<N>M/ and main/ folders that each
+    are such an export. Example: hf/run holding chck_2M/ and main/ -> None; a run folder -> its latest.pt; a folder
+    holding two exports hf/a/ and hf/b/ -> hf/a."""
     entries = sorted(folder.iterdir())
-    if entries and all(p.is_dir() and not p.is_symlink() for p in entries):
-        return next(filter(None, map(foreign, entries)), None)
+    if milestones_ok and entries and all(p.is_dir() and not p.is_symlink() and re.fullmatch(r"chck_\d+M|main", p.name)
+                                         for p in entries):
+        return next(filter(None, (foreign(p, milestones_ok=False) for p in entries)), None)
     for p in entries:
         if p.name not in OWN_FILES or not p.is_file() or p.is_symlink():
             return p
@@ -297,7 +299,7 @@ def export(source, out_dir, force=False, all_milestones=False, quiet=False):
                 os.replace(p, old / p.name)
             for p in list(tmp.iterdir()):
                 os.replace(p, out / p.name)
-            shutil.rmtree(old)  # only now: a failure before this leaves the earlier export there
+            shutil.rmtree(old)  # only now; a failure while the entries move leaves them split between out and old
     except OSError as e:
         raise ExportError(f"cannot write {out_dir} ({e.strerror or e})") from None
     finally:

@@ -980,6 +980,15 @@ def test_nan_before_the_first_save_leaves_a_folder_the_same_command_starts_in(da
             train.main(argv)
         assert not (tmp_path / "n").exists()
 
+def test_overwrite_that_cannot_start_keeps_the_old_run(data_dir, tmp_path):
+    run(["--max-steps", "2"], data_dir, tmp_path / "a")
+    before = file_bytes(tmp_path / "a")
+    for bad in (["--corpus", str(tmp_path / "no_such_corpus")], ["--max-steps", "0", "--epochs", "1e-9"]):
+        with pytest.raises(SystemExit):
+            train.main(SMALL + ["--data-dir", data_dir, "--out", str(tmp_path / "a"), "--overwrite"] +
+                       [x for x in bad if x != "--max-steps" and x != "0"])
+        assert file_bytes(tmp_path / "a") == before
+
 def test_uniform_masking_alone_is_standard_mlm_at_a_constant_15_percent():
     args = train.parse_args(SMALL + ["--masking", "uniform"])[0]
     assert (args.mask_rate_start, args.mask_rate_end) == (0.15, 0.15)
@@ -2504,6 +2513,15 @@ def test_export_force_replaces_only_its_own_export_and_dot_works(export_run, tmp
     assert (tmp_path / "here" / "config.json").is_file() and Path.cwd() == tmp_path / "here"
     assert export.main([str(export_run / "latest.pt"), ".", "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "hf", "run"]  # no temporary folder left
+
+
+def test_export_force_never_takes_a_folder_of_several_exports(export_run, tmp_path, capsys):
+    for name in ("a", "b"):  # two exports side by side: their parent is not an export, --force or not
+        assert export.main([str(export_run / "latest.pt"), str(tmp_path / "hf" / name)]) == 0
+    capsys.readouterr()
+    before = hashes(tmp_path)
+    refused(lambda: export.main([str(export_run / "latest.pt"), str(tmp_path / "hf"), "--force"]), capsys, "(a)")
+    assert hashes(tmp_path) == before
 
 
 def test_export_failure_leaves_no_folder_it_made(tmp_path, capsys):

@@ -28,7 +28,7 @@ from lib.estimate import estimate_lines
 from lib.fast import FastMaskedLM
 from lib.optim import make_optimizer
 from lib.progress import Progress, run_summary
-from lib.run import catch_ctrl_c, open_run, pick_device, pick_dtype, releases_run, stop_on_nan
+from lib.run import catch_ctrl_c, clear_overwritten, open_run, pick_device, pick_dtype, releases_run, stop_on_nan
 from model import SIZES, MaskedLM, ModelConfig
 
 # -----------------------------------------------------------------------------
@@ -295,6 +295,7 @@ def main(argv=None):
         check_resume_point(step, total, args)  # before anything is written
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     milestones = [m for m in milestones_words() if m > words_at(step)]
+    clear_overwritten(args, rank)  # only now: a new run that cannot start leaves the old one as it was
     progress = Progress(out, step, total, args, world, active=rank == 0)
     losses, log, start = {"train_loss": math.nan, "val_loss": math.nan}, progress.log, time.time()
     progress.header(args, d, model, total, words_at(total))
@@ -330,7 +331,7 @@ def main(argv=None):
             loss += micro_loss.detach().double().cpu() * k
         loss = ddp.agree(loss / max(n, 1), interrupted, args.device)  # the global batch's mean; all stop together
         if not math.isfinite(loss):
-            sys.exit(stop_on_nan(out, step, loss, f"--lr {args.lr}", new_run=not resume))
+            sys.exit(stop_on_nan(out, step, loss, f"--lr {args.lr}", new_run=not resume, rank=rank))
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

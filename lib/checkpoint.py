@@ -120,7 +120,7 @@ def save_checkpoint(out, step, words, args, model, opt, amlm, batches, gen, toke
     out/ckpt_8M.pt (model, config, tokenizer, args, step, tokens_seen, words_seen)."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if gen.device.type == "cuda" else None}
     ranks, amlm_state = [rng], amlm.state_dict()
-    if dist.is_initialized():  # each process's dropout RNG, and a digest of its masking weights (all must agree)
+    if dist.is_initialized():  # each process's dropout RNG, and a digest of its masking weights, kept so that a test can check they agree
         ranks = [None] * dist.get_world_size()
         digest = hashlib.blake2b(amlm.weights.cpu().numpy().tobytes(), digest_size=8).hexdigest()
         dist.all_gather_object(ranks, {**rng, "amlm_weights": digest})

@@ -96,11 +96,18 @@ def open_run(args, rank=0):
     if found and args.overwrite and not wrote_by_train(out):
         sys.exit(f"error: --overwrite deletes only a run train.py wrote, but {out}/log.txt is missing or not train.py's "
                  f"(it would delete {', '.join(found)}): move those files yourself, or pick another --out")
-    for f in found if args.overwrite else []:
-        os.remove(os.path.join(out, f))
     if dist.is_initialized():
         dist.barrier()  # the folder is ours: the other processes may go on
     return out
+
+def clear_overwritten(args, rank=0):
+    """--overwrite: delete the earlier run's files (open_run checked that train.py wrote them), called only once the
+    new run has its data and its steps, so a new run that cannot start leaves the old one as it was.
+    Example: --overwrite on a folder with latest.pt, log.txt -> both removed, the user's other files kept."""
+    if args.overwrite and rank == 0:
+        for f in sorted(os.listdir(args.out)):
+            if RUN_FILES.fullmatch(f):
+                os.remove(os.path.join(args.out, f))
 
 def wrote_by_train(folder):
     """Whether folder is a run train.py wrote: its log.txt opens with train.py's "config: " line (written before any
@@ -209,20 +216,20 @@ def catch_ctrl_c(out, rank=0):
         signal.signal(sig, handler)
     return interrupted
 
-def stop_on_nan(out, step, loss, lr, new_run):
-    """The message for a loss that went non-finite: what is kept, and the likely cause (lr: the flag, as typed). A new
-    run that saved nothing removes the files it wrote, so that the same command can start again.
+def stop_on_nan(out, step, loss, lr, new_run, rank=0):
+    """The exit for a loss that went non-finite at step index `step`: on rank 0 a message saying what is kept and the
+    likely cause (lr: the flag, as typed), elsewhere exit code 1. A new run that saved nothing removes the files it
+    wrote, so that the same command can start again.
     Example: --lr 1e6 -> "error: step 3: the loss is nan; stopping. Nothing was saved, ... (--lr 1000000.0) ..." """
+    if rank != 0:
+        return 1  # rank 0 says it, and removes the files
     kept = os.path.exists(os.path.join(out, "latest.pt"))
     if not kept and new_run:
         for f in os.listdir(out):
             if RUN_FILES.fullmatch(f):
                 os.remove(os.path.join(out, f))
-    return (f"error: step {step}: the loss is {loss}; stopping. " +
+    return (f"error: step {step + 1}: the loss is {loss}; stopping. " +
             (f"{out}/latest.pt holds the last saved state (--resume {out} goes on from it). " if kept else
              "Nothing was saved, and the same command can start again. ") +
             f"The usual cause is a learning rate too high for this model ({lr}); try a smaller one")
 
-
-# -----------------------------------------------------------------------------
-# the run

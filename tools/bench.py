@@ -3,11 +3,11 @@ Benchmarks (not tests) for amlm, a PyTorch reimplementation of Edman & Fraser, "
 Receive: Optimizing Masked Language Modeling for Pretraining BabyLMs" (BabyLM 2025).
 
     python -m tools.bench model [--rounds 7] [--dtypes fp32,bf16] [--compile]
-        training-step throughput of fast.py's FastMaskedLM and model.py's MaskedLM (with --compile also the plain
+        training-step throughput of lib/fast.py's FastMaskedLM and model.py's MaskedLM (with --compile also the plain
         model under torch.compile), N-hot on and off, and Hugging Face's BertForMaskedLM of the same shape when
         transformers is installed (a benchmark-only peer)
     python -m tools.bench pieces [--repeat 20]
-        each speed piece of fast.py against its plain twin, forward + backward, at the model benchmark's shape
+        each speed piece of lib/fast.py against its plain twin, forward + backward, at the model benchmark's shape
     python -m tools.bench data --corpus babylm_10M --vocab-size 16384 [--data-dir NEW_OR_EMPTY_FOLDER]
         a cold `python data.py` (tokenizer training + encoding) into a new temporary data dir (removed at the end;
         --data-dir: a new or empty folder instead, kept), then a cache hit
@@ -77,7 +77,7 @@ def bench_model(a):
         contenders["HF BertForMaskedLM"] = bert
     except ImportError:
         print("transformers is not installed: BertForMaskedLM not measured (pip install transformers)")
-    ratios = [("ours (fast)", "ours (plain, --no-fast)", "fast.py speed-up"),
+    ratios = [("ours (fast)", "ours (plain, --no-fast)", "lib/fast.py speed-up"),
               ("ours (fast)", "ours (plain + compile)", "fast / plain + compile"),
               ("ours (fast)", "HF BertForMaskedLM", "ours / BertForMaskedLM"),
               ("ours (fast)", "ours (fast) + N-hot", "N-hot cost (slow-down)")]
@@ -100,7 +100,7 @@ def bench_model(a):
                 print(f"  {what:26s} {show(statistics.median(r))} (per-round {show(min(r))} to {show(max(r))})")
 
 # -----------------------------------------------------------------------------
-# pieces: each of fast.py's pieces against its plain twin
+# pieces: each of lib/fast.py's pieces against its plain twin
 
 def pieces():
     """(name, plain twin, fast piece) triples: functions of no arguments that run forward + backward once."""
@@ -233,7 +233,7 @@ def get_parser():
     m.add_argument("--steps", type=positive_int, default=6, help="timed steps per round (default: %(default)s)")
     m.add_argument("--dtypes", type=dtypes, default=list(DTYPES), help="fp32, bf16 or fp32,bf16 (default: fp32,bf16)")
     m.add_argument("--compile", action="store_true", help="also time the plain model under torch.compile")
-    pc = sub.add_parser("pieces", help="fast.py's pieces against their plain twins")
+    pc = sub.add_parser("pieces", help="lib/fast.py's pieces against their plain twins")
     pc.add_argument("--repeat", type=positive_int, default=20, help="timed calls of each piece (default: %(default)s)")
     d = sub.add_parser("data", help="tokenizer and cache build")
     d.add_argument("--corpus", default="babylm_10M", help="a path, or a corpus name already in data/ (default: %(default)s)")

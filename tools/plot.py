@@ -113,7 +113,7 @@ def main(argv=None):
     try:
         {"figure1": lambda: figure1(a.runs[0], ax), "curves": lambda: curves(a.runs, ax),
          "seeds": lambda: seeds(a.runs, ax)}[a.what]()
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:  # AttributeError: a file named without <N>M
         sys.exit(f"error: cannot read the run folder: {e}")
     for x in ax if a.what == "seeds" else [ax]:
         x.legend(fontsize=6)
