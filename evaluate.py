@@ -493,9 +493,9 @@ def is_results_file(path):
         return False
 
 def check_out(path, checkpoint=None, task_files=()):
-    """--out, checked before any scoring: a file name (not a folder) in a folder we can write (made if missing), and
-    not a file it would destroy: an input (the checkpoint, a task file, by whatever path) or any other file but an
-    earlier result. Example: check_out("out/run/latest.pt", "out/run/latest.pt") -> EvalError("--out
+    """--out, checked before any scoring: a file name (not a folder) in a folder we can write (made when the results
+    are written, so a refusal leaves none), and not a file it would destroy: an input (the checkpoint, a task file,
+    by whatever path) or any other file but an earlier result. Example: check_out("out/run/latest.pt", "out/run/latest.pt") -> EvalError("--out
     out/run/latest.pt is the checkpoint being scored; give another file name")"""
     path = Path(path)
     if path.is_dir():
@@ -508,9 +508,9 @@ def check_out(path, checkpoint=None, task_files=()):
             raise EvalError(f"--out {path} is a task file being scored; give another file name")
         if not is_results_file(path):
             raise EvalError(f"--out {path} exists and is not a results file of evaluate.py; give another file name")
+    where = next(p for p in path.absolute().parents if p.exists())  # its folders are made only when it is written
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f"{path.name}.tmp", dir=path.parent)  # a new name: no file of the user's
+        fd, probe = tempfile.mkstemp(prefix=f"{path.name}.tmp", dir=where)  # a new name: no file of the user's
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -587,6 +587,7 @@ def main(argv=None):
     print(format_table(res))
     if args.out:
         try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             write_json(res, args.out)
         except OSError as e:  # a full disk: the table above is all there is
             print(f"error: cannot write --out {args.out} ({e.strerror or e}); the results are printed above", file=sys.stderr)

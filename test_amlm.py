@@ -1876,6 +1876,7 @@ BAD_INPUT = [  # (command line, arguments (train.py: after a good small run's fl
     ("evaluate", E + " --out {tmp}/results", "results", "--out {tmp}/results is a folder; give a file name"),
     ("evaluate", E + " --out {tmp}/afile/r.json", "afile", "cannot write --out {tmp}/afile/r.json"),
     pytest.param("evaluate", E + " --out {tmp}/ro/r.json", "ro", "cannot write --out {tmp}/ro/r.json", marks=as_root),
+    ("evaluate", "{tmp}/nothere.pt {tmp}/tasks.jsonl --out {tmp}/new/deep/r.json", "", "does not exist"),  # no new/ left
     ("evaluate", E + " --device mps", "", "device 'mps' is not supported"),
     ("evaluate", E + " --device gpu0", "", "unknown device 'gpu0'"),
     pytest.param("evaluate", E + " --device cuda", "", "no CUDA GPU is available", marks=no_cuda),
