@@ -194,4 +194,6 @@ class MaskedLM(nn.Module):
         # only the positions with a target (15-40 %) reach the loss: the head runs on those rows alone
         targets = labels != -100
         logits = F.linear(h[targets], E, self.out_bias)  # (n_labelled, V)
-        return logits, F.cross_entropy(logits.float(), labels[targets])
+        # the mean over the targets; a batch without any gives 0, not the nan of a mean over nothing
+        loss = F.cross_entropy(logits.float(), labels[targets], reduction="sum") / targets.sum().clamp(min=1)
+        return logits, loss

@@ -556,6 +556,16 @@ def test_initial_loss_is_uniform_guess(fast):
         _, loss = tiny_model(nhot=nhot, fast=fast)(*masked_batch())
         assert abs(loss.item() - math.log(300)) < 0.1 * math.log(300)
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_batch_without_targets_has_loss_zero_and_finite_gradients(fast):
+    # a micro-batch can draw no target at all: its loss must not be nan (train.py would stop the run)
+    m = tiny_model(fast=fast)
+    x, labels = masked_batch()
+    logits, loss = m(x, labels=torch.full_like(labels, -100))
+    loss.backward()
+    assert logits.shape[0] == 0 and loss.item() == 0
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
 def test_tied_weights_share_storage_and_nhot_changes_matrix():
     plain = tiny_model(nhot=False)
     assert plain.embedding_matrix().data_ptr() == plain.tok.weight.data_ptr()
