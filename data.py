@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from lib.errors import DataError
+from lib.run import wrote_by_train
 from tokenizer import CLS, MASK, MAX_PRETOKEN, MIN_CHAR_COUNT, PAD, PAT, SEP, SPECIALS, TOKENIZER_VERSION, UNK, Tokenizer
 
 VAL_EVERY = 150                             # non-empty line k is validation iff k % 150 == 0 (0.67 %)
@@ -44,10 +45,7 @@ def is_run_output(file):
     Example: out/run/log.txt -> True; books/alice.txt -> False."""
     if (file.parent / "latest.pt").exists() or (file.parent / "train.lock").exists():
         return True
-    try:
-        return file.name == "log.txt" and file.open("rb").read(8) == b"config: "
-    except OSError:
-        return False
+    return file.name == "log.txt" and wrote_by_train(file.parent)
 
 def find_files(path):
     """Text files of a corpus path: the file itself, or a folder's *.train/*.txt, sorted, recursively (hidden files,

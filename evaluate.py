@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from lib.checkpoint import load_model, write_json
-from lib.compare import MIN_CORRELATION_ITEMS, compare_files, controlled, spearman
+from lib.compare import MIN_CORRELATION_ITEMS, compare_files, controlled, jsonl_lines, spearman
 from lib.errors import EvalError, UserError
 from lib.fast import FastMaskedLM
 from lib.run import pick_device, pick_dtype
@@ -183,40 +183,28 @@ def read_items(file, limit=None):
     Example: line {"sentence_good": "A.", "sentence_bad": "B.", "UID": "u", "field": "syntax"} ->
     ("minimal_pairs", [({"uid": "u", "field": "syntax"}, [("", "A."), ("", "B.")], None)], Counter())"""
     fmt, items, skipped = None, [], Counter()
-    try:
-        f = open(file, "rb")  # bytes: a line that is not UTF-8 gets its number, not a traceback
-    except OSError as e:
-        raise EvalError(f"cannot read {file} ({e.strerror})") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            where = f"{file}, line {n}"
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a byte-order mark is no error
-            except UnicodeDecodeError:
-                raise EvalError(f"{where}: not UTF-8") from None
-            if not line.strip():
-                continue
-            if limit is not None and len(items) >= limit and fmt != "wug":
-                break
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{where}: not valid JSON ({e.msg})")
+    for where, line in jsonl_lines(file):
+        if limit is not None and len(items) >= limit and fmt != "wug":
+            break
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{where}: not valid JSON ({e.msg})")
+        if fmt is None:
+            fmt = detect_format(r)
             if fmt is None:
-                fmt = detect_format(r)
-                if fmt is None:
-                    fields = ", ".join(r) if isinstance(r, dict) else type(r).__name__
-                    raise UnknownFormat(f"{file}: unknown format (fields: {fields})")
-            if detect_format(r) != fmt:
-                raise EvalError(f"{where}: expected the fields {', '.join(FORMATS[fmt])} of a {fmt} file")
-            try:
-                item = make_item(fmt, r, Path(file).stem)
-            except (TypeError, ValueError, AttributeError) as e:
-                raise EvalError(f"{where}: malformed {fmt} record ({e})")
-            if problem := item_problem(item[1]):
-                skipped[problem] += 1
-            else:
-                items.append(item)
+                fields = ", ".join(r) if isinstance(r, dict) else type(r).__name__
+                raise UnknownFormat(f"{file}: unknown format (fields: {fields})")
+        if detect_format(r) != fmt:
+            raise EvalError(f"{where}: expected the fields {', '.join(FORMATS[fmt])} of a {fmt} file")
+        try:
+            item = make_item(fmt, r, Path(file).stem)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise EvalError(f"{where}: malformed {fmt} record ({e})")
+        if problem := item_problem(item[1]):
+            skipped[problem] += 1
+        else:
+            items.append(item)
     if fmt is None:
         raise UnknownFormat(f"{file}: holds no records")
     if fmt == "wug" and limit is not None:

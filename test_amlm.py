@@ -962,19 +962,15 @@ def test_train_with_lamb_resumes_exactly(data_dir, tmp_path):
 # -----------------------------------------------------------------------------
 # a finished run stays finished; no value of summary.json is lost; a NaN, an empty corpus, 0 steps
 
-def file_bytes(folder):
-    """{name: bytes} of every file in a folder: what a command must leave as it was."""
-    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
-
 def test_resume_of_a_finished_run_changes_no_byte(data_dir, tmp_path, capsys):
     run(["--max-steps", "2"], data_dir, tmp_path / "a")
     capsys.readouterr()
-    before = file_bytes(tmp_path / "a")
+    before = hashes(tmp_path / "a")
     assert train.main(["--resume", str(tmp_path / "a"), "--data-dir", data_dir]) is None  # exit 0
     assert "already finished at step 2; nothing to do" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="is at step 2, past the 1 steps that --max-steps 1 give"):
         train.main(["--resume", str(tmp_path / "a"), "--data-dir", data_dir, "--max-steps", "1"])
-    assert file_bytes(tmp_path / "a") == before
+    assert hashes(tmp_path / "a") == before
 
 def test_summary_keeps_the_values_a_later_sitting_does_not_know(data_dir, tmp_path):
     run(["--max-steps", "2"], data_dir, tmp_path / "a")
@@ -992,12 +988,12 @@ def test_nan_before_the_first_save_leaves_a_folder_the_same_command_starts_in(da
 
 def test_overwrite_that_cannot_start_keeps_the_old_run(data_dir, tmp_path):
     run(["--max-steps", "2"], data_dir, tmp_path / "a")
-    before = file_bytes(tmp_path / "a")
+    before = hashes(tmp_path / "a")
     for bad in (["--corpus", str(tmp_path / "no_such_corpus")], ["--max-steps", "0", "--epochs", "1e-9"]):
         with pytest.raises(SystemExit):
             train.main(SMALL + ["--data-dir", data_dir, "--out", str(tmp_path / "a"), "--overwrite"] +
                        [x for x in bad if x != "--max-steps" and x != "0"])
-        assert file_bytes(tmp_path / "a") == before
+        assert hashes(tmp_path / "a") == before
 
 def test_uniform_masking_alone_is_standard_mlm_at_a_constant_15_percent():
     args = train.parse_args(SMALL + ["--masking", "uniform"])[0]

@@ -18,6 +18,27 @@ from lib.errors import EvalError
 MIN_CORRELATION_ITEMS = 10  # fewer items: a Spearman correlation is printed with a warning and rho_ctrl with no CI
 
 # -----------------------------------------------------------------------------
+# reading a .jsonl file, for evaluate.py's task files and --compare's labels
+
+def jsonl_lines(path):
+    """Yield ("<path>, line <n>", text) for each non-blank line of a .jsonl file, read as bytes so that a line that is
+    not UTF-8 is named by its number (a byte-order mark on line 1 is no error); EvalError in one sentence otherwise.
+    Example: b'{"a": 1}\\n\\n{"a": 2}\\n' in x.jsonl -> ("x.jsonl, line 1", '{"a": 1}\\n'), ("x.jsonl, line 3", ...)"""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise EvalError(f"cannot read {path} ({e.strerror or e})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}, line {n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise EvalError(f"{where}: not UTF-8") from None
+            if line.strip():
+                yield where, line
+
+# -----------------------------------------------------------------------------
 # correlations
 
 def rankdata(x):
@@ -174,28 +195,16 @@ def read_labels(path):
     pipeline as --predict_data (the official validation files hold them). EvalError in one sentence otherwise.
     Example: lines {"premise": "...", "hypothesis": "...", "label": 2}, {..., "label": 0} -> [2, 0]"""
     labels = []
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise EvalError(f"cannot read {path} ({e.strerror or e})") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}, line {n}"
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise EvalError(f"{where}: not UTF-8") from None
-            if not line.strip():  # the pipeline could not have read such a line, so no id counts it
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(r, dict) or "label" not in r:
-                raise EvalError(f"{where}: no 'label' field; give the labelled .jsonl the pipeline predicted")
-            if type(r["label"]) is not int:
-                raise EvalError(f"{where}: the label {r['label']!r} is not an integer")
-            labels.append(r["label"])
+    for where, line in jsonl_lines(path):  # a blank line: the pipeline could not have read it, so no id counts it
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(r, dict) or "label" not in r:
+            raise EvalError(f"{where}: no 'label' field; give the labelled .jsonl the pipeline predicted")
+        if type(r["label"]) is not int:
+            raise EvalError(f"{where}: the label {r['label']!r} is not an integer")
+        labels.append(r["label"])
     if not labels:
         raise EvalError(f"{path} holds no labelled lines")
     return labels

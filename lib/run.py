@@ -105,9 +105,14 @@ def clear_overwritten(args, rank=0):
     new run has its data and its steps, so a new run that cannot start leaves the old one as it was.
     Example: --overwrite on a folder with latest.pt, log.txt -> both removed, the user's other files kept."""
     if args.overwrite and rank == 0:
-        for f in sorted(os.listdir(args.out)):
-            if RUN_FILES.fullmatch(f):
-                os.remove(os.path.join(args.out, f))
+        remove_run_files(args.out)
+
+def remove_run_files(out):
+    """Delete the files train.py writes in a run folder (RUN_FILES), and nothing else.
+    Example: out/run holding latest.pt, log.txt and notes.md -> only notes.md is left."""
+    for f in sorted(os.listdir(out)):
+        if RUN_FILES.fullmatch(f):
+            os.remove(os.path.join(out, f))
 
 def wrote_by_train(folder):
     """Whether folder is a run train.py wrote: its log.txt opens with train.py's "config: " line (written before any
@@ -225,9 +230,7 @@ def stop_on_nan(out, step, loss, lr, new_run, rank=0):
         return 1  # rank 0 says it, and removes the files
     kept = os.path.exists(os.path.join(out, "latest.pt"))
     if not kept and new_run:
-        for f in os.listdir(out):
-            if RUN_FILES.fullmatch(f):
-                os.remove(os.path.join(out, f))
+        remove_run_files(out)
     return (f"error: step {step + 1}: the loss is {loss}; stopping. " +
             (f"{out}/latest.pt holds the last saved state (--resume {out} goes on from it). " if kept else
              "Nothing was saved, and the same command can start again. ") +
