@@ -150,7 +150,6 @@ class AMLM:
         self.maskable[specials] = False
         self.normal = self.maskable.nonzero().squeeze(1)  # the normal (non-special) types: every mean is over these
         self.n_normal = len(self.normal)
-        self.replacements = self.normal  # ids the 10 % random replacement draws from: the normal types
         self.weights = torch.where(self.maskable, self.rate, 0.0).float()
         for name, dtype in STATISTICS.items():  # statistics since the last update, one value per type
             setattr(self, name, torch.zeros(V, dtype=dtype))
@@ -176,7 +175,6 @@ class AMLM:
         """Move weights and statistics to `device` (the model's); returns self."""
         for name in ("maskable", "normal", "weights", *STATISTICS):
             setattr(self, name, getattr(self, name).to(device))
-        self.replacements = self.normal
         return self
 
     # -------------------------------------------------------------------------
@@ -226,9 +224,9 @@ class AMLM:
         u = torch.rand(B, T, generator=generator, device=dev)
         selected = u < pi  # rand is in [0, 1): pi = 0 is never drawn, pi = 1 always
         how = torch.rand(B, T, generator=generator, device=dev)
-        pick = torch.randint(len(self.replacements), (B, T), generator=generator, device=dev)
+        pick = torch.randint(self.n_normal, (B, T), generator=generator, device=dev)  # random replacements: normal types
         inputs = torch.where(selected & (how < 0.8), self.mask_id, input_ids)
-        inputs = torch.where(selected & (how >= 0.8) & (how < 0.9), lookup(self.replacements, pick), inputs)
+        inputs = torch.where(selected & (how >= 0.8) & (how < 0.9), lookup(self.normal, pick), inputs)
         labels = torch.where(selected, input_ids, -100)
         return inputs, labels
 
