@@ -295,11 +295,18 @@ def export(source, out_dir, force=False, all_milestones=False, quiet=False):
             os.replace(tmp, out)
         else:  # the entries move, not the folder, so the folder stays the same one (a shell's current folder, say)
             old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old", dir=out.parent))
-            for p in list(out.iterdir()):  # an earlier export: foreign() found nothing else in it
-                os.replace(p, old / p.name)
-            for p in list(tmp.iterdir()):
-                os.replace(p, out / p.name)
-            shutil.rmtree(old)  # only now; a failure while the entries move leaves them split between out and old
+            moved = []  # (from, to) of every entry moved: a failed move undoes them all, the earlier export stays whole
+            try:
+                for a, b in [(out, old), (tmp, out)]:  # out: an earlier export, foreign() found nothing else in it
+                    for p in list(a.iterdir()):
+                        os.replace(p, b / p.name)
+                        moved.append((p, b / p.name))
+            except OSError:
+                for src, dst in reversed(moved):
+                    os.replace(dst, src)
+                old.rmdir()
+                raise
+            shutil.rmtree(old)  # only now, with the new export in place
     except OSError as e:
         raise ExportError(f"cannot write {out_dir} ({e.strerror or e})") from None
     finally:

@@ -972,6 +972,16 @@ def test_resume_of_a_finished_run_changes_no_byte(data_dir, tmp_path, capsys):
         train.main(["--resume", str(tmp_path / "a"), "--data-dir", data_dir, "--max-steps", "1"])
     assert hashes(tmp_path / "a") == before
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_resume_of_a_gpu_run_without_a_gpu_says_how_to_go_on(data_dir, tmp_path, monkeypatch, capsys):
+    run(["--max-steps", "2"], data_dir, tmp_path / "a")
+    load = train.load_resume
+    monkeypatch.setattr(train, "load_resume", lambda d: (r := load(d)) and {**r, "args": {**r["args"], "device": "cuda"}})
+    with pytest.raises(SystemExit):  # as if saved on a GPU
+        train.parse_args(["--resume", str(tmp_path / "a")])
+    assert f"no CUDA GPU is available; to continue the run in {tmp_path / 'a'} here, add --device cpu" in capsys.readouterr().err
+    assert train.parse_args(["--resume", str(tmp_path / "a"), "--device", "cpu"])[0].device == "cpu"
+
 def test_summary_keeps_the_values_a_later_sitting_does_not_know(data_dir, tmp_path):
     run(["--max-steps", "2"], data_dir, tmp_path / "a")
     first = json.loads((tmp_path / "a" / "summary.json").read_text())
@@ -2522,6 +2532,21 @@ def test_export_force_replaces_only_its_own_export_and_dot_works(export_run, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "hf", "run"]  # no temporary folder left
 
 
+def test_export_force_that_fails_midway_keeps_the_earlier_export_whole(export_run, tmp_path, capsys, monkeypatch):
+    hf = tmp_path / "hf"
+    assert export.main([str(export_run), str(hf), "--milestones"]) == 0 and capsys.readouterr()
+    before, real, calls = hashes(tmp_path), os.replace, []
+    def flaky(a, b):  # the third move fails: the earlier export half moved out, none of the new one in
+        calls.append(a)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(a, b)
+    monkeypatch.setattr(os, "replace", flaky)
+    assert export.main([str(export_run), str(hf), "--milestones", "--force"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"cannot write {hf} (No space left on device)")
+    assert len(calls) > 3 and hashes(tmp_path) == before  # moved back, the temporary folders gone
+
+
 def test_export_force_never_takes_a_folder_of_several_exports(export_run, tmp_path, capsys):
     for name in ("a", "b"):  # two exports side by side: their parent is not an export, --force or not
         assert export.main([str(export_run / "latest.pt"), str(tmp_path / "hf" / name)]) == 0
@@ -2616,6 +2641,12 @@ def test_plot_png_never_overwrites_an_input(png, msg, tmp_path, capsys):
     before = hashes(tmp_path)
     refused(lambda: plot.main(["figure1", str(run), "--png", png.format(run=run)]), capsys, msg.format(run=run), code=2)
     assert hashes(tmp_path) == before
+
+
+def test_plot_figure1_takes_one_run(tmp_path, capsys):
+    refused(lambda: plot.main(["figure1", "a", "b", "--png", str(tmp_path / "f.png")]), capsys,
+            "figure1 draws one run's weights; give one run folder, not 2", code=2)
+    assert not (tmp_path / "f.png").exists()
 
 
 def test_long_items_are_batched_by_tokens_with_progress_lines(model, capsys, monkeypatch):

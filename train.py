@@ -163,8 +163,8 @@ def parse_args(argv=None):
         p.error("--d-model must be a multiple of --n-head with an even head size")
     try:
         args.device = str(pick_device(args.device))
-    except UserError as e:
-        p.error(str(e))
+    except UserError as e:  # a run saved on a GPU, resumed without one: say how to go on here
+        p.error(f"{e}; to continue the run in {args.resume} here, add --device cpu" if resume else str(e))
     args.dtype = pick_dtype(torch.device(args.device), args.dtype)
     if args.compile and args.device == "cpu":
         print("note: --compile on a CPU: where measured (docs/performance.md) the compiled plain model trained "

@@ -103,6 +103,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if problem := png_problem(a.png):
         p.error(problem)
+    if a.what == "figure1" and len(a.runs) > 1:  # one run's weights per figure; a second would be silently dropped
+        p.error(f"figure1 draws one run's weights; give one run folder, not {len(a.runs)}")
     try:
         import matplotlib
         matplotlib.use("Agg")
