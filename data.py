@@ -15,7 +15,7 @@ A corpus is text: UTF-8 *.train or *.txt files. A file that holds a NUL byte or 
 naming the file and the byte offset; a zip archive is refused with the advice to unzip it. The tokenizer is
 trained and the corpus encoded once, then cached under <data_dir>/cache/<key>/ and checked at every load.
 """
-import argparse, hashlib, json, os, random, shutil, sys, time, urllib.request, zipfile
+import hashlib, json, os, random, shutil, sys, time, urllib.request, zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.errors import DataError
+from lib.errors import ArgumentParser, DataError
 from lib.run import wrote_by_train
 from tokenizer import CLS, MASK, MAX_PRETOKEN, MIN_CHAR_COUNT, PAD, PAT, SEP, SPECIALS, TOKENIZER_VERSION, UNK, Tokenizer
 
@@ -403,8 +403,7 @@ class Batches:
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="data.py", description="Prepare a corpus: tokenizer, cached tokens, sub-token units.")
-    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
+    p = ArgumentParser(prog="data.py", description="Prepare a corpus: tokenizer, cached tokens, sub-token units.")
     p.add_argument("--corpus", required=True, help=f"a file, a folder, or one of {', '.join(KNOWN)}")
     p.add_argument("--data-dir", default="data", help="where downloads and caches go (default: data)")
     p.add_argument("--vocab-size", type=int, default=16384)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from lib.checkpoint import load_model, write_json
 from lib.compare import MIN_CORRELATION_ITEMS, compare_files, controlled, jsonl_lines, spearman
-from lib.errors import EvalError, UserError
+from lib.errors import ArgumentParser, EvalError, UserError
 from lib.fast import FastMaskedLM
 from lib.run import pick_device, pick_dtype
 from model import MaskedLM
@@ -511,8 +511,7 @@ def setup(args):
         if args.batch_size < 1 or any(v is not None and v < 1 for v in (args.limit, args.threads)):
             raise EvalError("--batch-size, --limit and --threads must be positive")
         if args.out:
-            task_paths = [f for p in args.paths for f in (Path(p).glob("*.jsonl") if Path(p).is_dir() else [p])]
-            check_out(args.out, args.checkpoint, task_paths)
+            check_out(args.out, args.checkpoint, [f for p in args.paths for f in task_files(p)])
         if args.threads:
             torch.set_num_threads(args.threads)
         device = pick_device(args.device)
@@ -529,10 +528,9 @@ def setup(args):
         sys.exit(1)
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="evaluate.py", description="Zero-shot BabyLM-style evaluation of an amlm "
+    ap = ArgumentParser(prog="evaluate.py", description="Zero-shot BabyLM-style evaluation of an amlm "
                                  "checkpoint by PLL. Ctrl-C stops it, keeping (and with --out writing) the tasks "
                                  "already finished; a directory is one task, so pass its files for finer steps.")
-    ap.error = lambda msg: ap.exit(2, f"{ap.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
     ap.add_argument("checkpoint", nargs="?", help="a train.py checkpoint (.pt)")
     ap.add_argument("paths", nargs="*", metavar="PATH", help="a .jsonl file or a directory of them")
     ap.add_argument("--compare", nargs="+", metavar="FILE", help="instead of scoring: A.json B.json, rho_ctrl of the "

@@ -23,7 +23,7 @@ import evaluate
 from amlm import AMLM, METRICS, mask_rate
 from lib import ddp
 from lib.checkpoint import check_resume_point, load_resume, restore, save_checkpoint, write_json
-from lib.errors import UserError
+from lib.errors import ArgumentParser, UserError
 from lib.estimate import estimate_lines
 from lib.fast import FastMaskedLM
 from lib.optim import make_optimizer
@@ -57,8 +57,7 @@ RESUME_HELP = ("--resume RUN_DIR keeps every setting of the saved run. Only " + 
                "other flag that differs from the saved run is an error that names it.")
 
 def get_parser():
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0], epilog=RESUME_HELP)
-    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
+    p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0], epilog=RESUME_HELP)
     a = p.add_argument
     a("--corpus", default="babylm_10M",
       help="babylm_10M, babylm_100M, synthetic, or a path to a text file or folder (default: %(default)s)")

@@ -6,6 +6,14 @@ Receive: Optimizing Masked Language Modeling for Pretraining BabyLMs" (BabyLM 20
     try: ckpt, config, tok = read_checkpoint(path)
     except UserError as e: sys.exit(f"error: {e}")
 """
+import argparse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (exit 2) instead of the usage block; a subcommand's parser is one too.
+    Example: data.py --vocab-size q -> "data.py: error: argument --vocab-size: invalid int value: 'q' (see --help)" """
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class UserError(Exception):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from lib.errors import ArgumentParser
+
 N_LAYER, D_MODEL, N_HEAD, D_FF, V, T, B, P = 4, 256, 4, 1024, 16384, 128, 32, 0.15  # the shape, batch and mask rate
 
 # -----------------------------------------------------------------------------
@@ -201,11 +203,6 @@ def bench_data(a):
 # -----------------------------------------------------------------------------
 # command line
 
-class Parser(argparse.ArgumentParser):
-    """argparse with train.py's one-line errors (exit 2), for the subcommands too."""
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 def positive_int(s):
     """Example: "3" -> 3; "0" -> ArgumentTypeError("must be a positive integer, got 0")"""
     try:
@@ -226,8 +223,8 @@ def dtypes(s):
     return names
 
 def get_parser():
-    ap = Parser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="what", required=True)  # the subcommands' parsers are Parsers too
+    ap = ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)  # the subcommands' parsers are ArgumentParsers too
     m = sub.add_parser("model", help="training-step throughput against BertForMaskedLM")
     m.add_argument("--rounds", type=positive_int, default=7, help="rounds, each timing every contender (default: %(default)s)")
     m.add_argument("--steps", type=positive_int, default=6, help="timed steps per round (default: %(default)s)")

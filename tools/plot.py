@@ -12,9 +12,10 @@ Small figures from finished runs (needs matplotlib, which the project itself doe
 
 Paper: Edman & Fraser, "Mask and You Shall Receive", BabyLM 2025.
 """
-import argparse, csv, glob, json, os, re, sys, tempfile
+import csv, glob, json, os, re, sys, tempfile
 
 from amlm import BUCKET_KEYS, BUCKET_LABELS
+from lib.errors import ArgumentParser
 
 
 def figure1(run, ax):
@@ -95,8 +96,7 @@ def png_problem(png):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0])
-    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, not the usage block
+    p = ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["figure1", "curves", "seeds"])
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--png", required=True, help="the figure to write: a new file, or an earlier PNG to replace")
