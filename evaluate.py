@@ -529,8 +529,8 @@ def setup(args):
 
 def main(argv=None):
     ap = ArgumentParser(prog="evaluate.py", description="Zero-shot BabyLM-style evaluation of an amlm "
-                                 "checkpoint by PLL. Ctrl-C stops it, keeping (and with --out writing) the tasks "
-                                 "already finished; a directory is one task, so pass its files for finer steps.")
+                        "checkpoint by PLL. Ctrl-C stops it, keeping (and with --out writing) the tasks "
+                        "already finished; a directory is one task, so pass its files for finer steps.")
     ap.add_argument("checkpoint", nargs="?", help="a train.py checkpoint (.pt)")
     ap.add_argument("paths", nargs="*", metavar="PATH", help="a .jsonl file or a directory of them")
     ap.add_argument("--compare", nargs="+", metavar="FILE", help="instead of scoring: A.json B.json, rho_ctrl of the "
